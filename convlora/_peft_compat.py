@@ -1,0 +1,52 @@
+"""The one place that touches PEFT internals: registering a PEFT method that PEFT's enum does not list.
+
+PEFT's public ``peft.utils.register_peft_method`` only accepts names already present in the closed
+``PeftType`` enum. ``PeftType`` is a ``str`` enum, so its members hash and compare like their string
+values; PEFT's dispatch tables are plain dicts, so an entry keyed by the string ``"CONV_LORA"`` is found
+wherever PEFT looks up ``config.peft_type``. Tested with the PEFT versions allowed in pyproject.toml.
+
+Without ``import convlora`` stock PEFT has no entry for ``"CONV_LORA"`` and refuses such an adapter
+with ``KeyError: 'CONV_LORA'`` instead of silently building a different model (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import peft
+from packaging.version import Version
+
+TESTED_PEFT = ("0.21", "0.22")  # [lower, upper)
+
+
+def check_peft_version() -> None:
+    """Warn when the installed PEFT is outside the range this shim was tested with."""
+    version = Version(peft.__version__).release[:2]
+    lower, upper = (Version(v).release[:2] for v in TESTED_PEFT)
+    if not lower <= version < upper:
+        import warnings
+
+        warnings.warn(
+            f"convlora was tested with peft>={TESTED_PEFT[0]},<{TESTED_PEFT[1]} but peft {peft.__version__} is "
+            "installed; Conv-LoRA's PEFT registration may not work.",
+            stacklevel=2,
+        )
+
+
+def register_peft_method(peft_type: str, config_cls: type, model_cls: type, prefix: str) -> None:
+    """Make ``peft_type`` known to PEFT's config, tuner and prefix tables (idempotent)."""
+    from peft import mapping
+
+    check_peft_version()
+    tables: dict[str, tuple[dict[Any, Any], Any]] = {
+        "config": (mapping.PEFT_TYPE_TO_CONFIG_MAPPING, config_cls),
+        "tuner": (mapping.PEFT_TYPE_TO_TUNER_MAPPING, model_cls),
+        "prefix": (mapping.PEFT_TYPE_TO_PREFIX_MAPPING, prefix),
+    }
+    for table, value in tables.values():
+        existing = table.get(peft_type)
+        if existing is not None and existing is not value and getattr(existing, "__qualname__", existing) != getattr(
+            value, "__qualname__", value
+        ):
+            raise RuntimeError(f"PEFT already has a different method registered as {peft_type!r}: {existing}")
+        table[peft_type] = value

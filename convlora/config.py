@@ -1,0 +1,204 @@
+"""``ConvLoraConfig``: the configuration of the Conv-LoRA PEFT method."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft import PeftConfig
+
+from .moe import INTERPOLATION_MODES
+
+PEFT_TYPE = "CONV_LORA"
+# Bumped when a saved adapter can no longer be read by an older convlora.
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ConvLoraConfig(PeftConfig):
+    """Configuration of a Conv-LoRA adapter.
+
+    Conv-LoRA wraps each target ``nn.Linear`` ``W`` with a LoRA bottleneck whose features also pass
+    through a mixture of multi-scale conv experts: ``y = W x + (lora_alpha / r) * B(z + MoE(z))`` with
+    ``z = A(dropout(x))``. Defaults follow the paper's reference set-up (8 experts with scales 1..8,
+    top-1 noisy gate, auxiliary weight 0.01, full 3x3 convs) on the fused ``qkv`` projection of every
+    layer of SAM's image encoder, with the mask decoder trained and saved alongside.
+
+    Args:
+        r: LoRA rank, also the channel count the conv experts see.
+        lora_alpha: LoRA scaling numerator; the update is scaled by ``lora_alpha / r``.
+        lora_dropout: dropout on the layer input before the down-projection.
+        target_modules: module names or a regex of the layers to adapt; derived from ``target_preset``
+            and ``layers`` when not given.
+        target_preset: a named set of targets from ``convlora.sam.TARGET_PRESETS`` (``"qkv"``,
+            ``"qkv_proj"``, ``"attention_mlp"``); the default is ``"qkv"``.
+        layers: indices of the image-encoder layers to adapt; all layers when ``None``.
+        num_experts: number of conv experts.
+        expert_scales: resize factor of each expert; ``1, 2, ..., num_experts`` when ``None``.
+        top_k: experts chosen per sample by the gate.
+        expert_conv: ``"full"`` 3x3 convs over the ``r`` channels (the paper's code) or ``"depthwise"``.
+        interpolation: resize mode of the experts: ``"nearest"``, ``"bilinear"`` or ``"bicubic"``.
+        weighted_combine: multiply each chosen expert's output by its gate probability, so that the task
+            loss also trains the gate; the paper's code sums the chosen outputs unweighted.
+        noisy_gating: learned noise on the gate logits during training.
+        aux_loss_weight: weight of the load-balancing loss returned by ``convlora.moe_aux_loss``.
+        modules_to_save: modules trained in full and saved with the adapter (SAM's mask decoder).
+        init_lora_weights: ``True`` for the identity at initialisation (zero ``B``, zero gate);
+            ``False`` gives random ``B`` and gate weights, useful only for tests.
+        format_version: version of the saved format; adapters from a newer convlora are refused.
+
+    >>> config = ConvLoraConfig(r=4, num_experts=4)
+    >>> config.expert_scales
+    [1.0, 2.0, 3.0, 4.0]
+    """
+
+    r: int = field(default=3, metadata={"help": "LoRA rank; also the channel count of the conv experts."})
+    lora_alpha: float = field(default=32, metadata={"help": "Scaling numerator: updates are scaled by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapted input."})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Names or a regex of the nn.Linear modules to adapt; derived from target_preset if unset."},
+    )
+    target_preset: str | None = field(
+        default=None,
+        metadata={"help": "Named target set from convlora.sam.TARGET_PRESETS; 'qkv' when nothing is given."},
+    )
+    layers: list[int] | None = field(
+        default=None, metadata={"help": "Image-encoder layer indices to adapt (all layers when unset)."}
+    )
+    num_experts: int = field(default=8, metadata={"help": "Number of multi-scale conv experts."})
+    expert_scales: list[float] | None = field(
+        default=None, metadata={"help": "Resize factor of each expert; 1..num_experts when unset."}
+    )
+    top_k: int = field(default=1, metadata={"help": "Experts chosen per sample by the noisy gate."})
+    expert_conv: str = field(default="full", metadata={"help": "'full' 3x3 convs over r channels, or 'depthwise'."})
+    interpolation: str = field(
+        default="bicubic", metadata={"help": "Resize mode of the experts: nearest, bilinear or bicubic."}
+    )
+    weighted_combine: bool = field(
+        default=False,
+        metadata={"help": "Weight chosen experts by gate probability (trains the gate on the task loss)."},
+    )
+    noisy_gating: bool = field(default=True, metadata={"help": "Learned gate noise during training."})
+    aux_loss_weight: float = field(default=0.01, metadata={"help": "Weight of the load-balancing loss."})
+    modules_to_save: list[str] | None = field(
+        default_factory=lambda: ["mask_decoder"],
+        metadata={"help": "Modules trained in full and saved with the adapter."},
+    )
+    init_lora_weights: bool = field(
+        default=True, metadata={"help": "True: identity at initialisation. False: random B and gate (tests)."}
+    )
+    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Saved-format version."})
+    # Read by PEFT's generic code; Conv-LoRA targets modules, never bare parameters.
+    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unsupported; must stay None."})
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Names or a regex of modules never to adapt."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        self._validate()
+
+    def _validate(self) -> None:
+        from .sam import TARGET_PRESETS, target_modules_pattern
+
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"This Conv-LoRA adapter was saved with format_version={self.format_version} by a newer convlora; "
+                f"this convlora reads format_version <= {FORMAT_VERSION}. Upgrade convlora to load it."
+            )
+        _check_int("r", self.r, minimum=1)
+        _check_number("lora_alpha", self.lora_alpha, minimum=0.0, inclusive=False)
+        _check_number("lora_dropout", self.lora_dropout, minimum=0.0)
+        if self.lora_dropout >= 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _check_int("num_experts", self.num_experts, minimum=1)
+        if self.expert_scales is None:
+            self.expert_scales = [float(i + 1) for i in range(self.num_experts)]
+        else:
+            if isinstance(self.expert_scales, (int, float)) or not all(
+                isinstance(s, (int, float)) and not isinstance(s, bool) for s in self.expert_scales
+            ):
+                raise ValueError(f"expert_scales must be a list of numbers, got {self.expert_scales!r}")
+            self.expert_scales = [float(s) for s in self.expert_scales]
+            if len(self.expert_scales) != self.num_experts:
+                raise ValueError(
+                    f"expert_scales has {len(self.expert_scales)} entries but num_experts is {self.num_experts}"
+                )
+            if any(s <= 0 for s in self.expert_scales):
+                raise ValueError(f"expert_scales must all be > 0, got {self.expert_scales}")
+        _check_int("top_k", self.top_k, minimum=1)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
+        if self.expert_conv not in ("full", "depthwise"):
+            raise ValueError(f"expert_conv must be 'full' or 'depthwise', got {self.expert_conv!r}")
+        if self.interpolation not in INTERPOLATION_MODES:
+            raise ValueError(f"interpolation must be one of {INTERPOLATION_MODES}, got {self.interpolation!r}")
+        _check_number("aux_loss_weight", self.aux_loss_weight, minimum=0.0)
+        for name in ("weighted_combine", "noisy_gating", "init_lora_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.target_parameters:
+            raise ValueError("Conv-LoRA adapts nn.Linear modules; target_parameters is not supported")
+        if self.layers is not None:
+            if isinstance(self.layers, int) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers
+            ):
+                raise ValueError(f"layers must be a list of non-negative layer indices, got {self.layers!r}")
+            self.layers = sorted(set(self.layers))
+        if self.target_preset is not None and self.target_preset not in TARGET_PRESETS:
+            raise ValueError(
+                f"Unknown target_preset {self.target_preset!r}; choose one of {sorted(TARGET_PRESETS)}"
+            )
+        if self.target_modules is None:
+            self.target_modules = target_modules_pattern(self.target_preset or "qkv", self.layers)
+        else:
+            if isinstance(self.target_modules, set):
+                self.target_modules = sorted(self.target_modules)
+            derived = target_modules_pattern(self.target_preset or "qkv", self.layers)
+            if self.target_preset is not None and self.target_modules != derived:
+                raise ValueError("Give either target_modules or target_preset/layers, not both")
+            if self.layers is not None and self.target_modules != derived:
+                raise ValueError("layers only applies to target presets; put the layer indices in target_modules")
+        if self.modules_to_save is not None and isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+
+    @property
+    def scaling(self) -> float:
+        """The factor ``lora_alpha / r`` applied to the adapter's output."""
+        return self.lora_alpha / self.r
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """Refuse saved configs with fields this convlora does not know (instead of silently dropping them)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        version = kwargs.get("format_version", FORMAT_VERSION)
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise ValueError(
+                f"This Conv-LoRA adapter was saved with format_version={version} by a newer convlora; "
+                f"this convlora reads format_version <= {FORMAT_VERSION}. Upgrade convlora to load it."
+            )
+        if unknown:
+            raise ValueError(
+                f"adapter_config.json has fields this convlora does not know: {unknown}. It was probably written "
+                "by a newer convlora; upgrade convlora to load it."
+            )
+        return kwargs
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_number(name: str, value: Any, minimum: float, inclusive: bool = True) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if value < minimum or (not inclusive and value == minimum):
+        bound = ">=" if inclusive else ">"
+        raise ValueError(f"{name} must be {bound} {minimum}, got {value}")

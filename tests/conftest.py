@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random SAM models, and bitwise-reproducible CPU math.
+
+MKL picks matrix kernels by memory alignment, so two identical models in different memory can differ in
+the last bit (about 1e-7). MKL's conditional numerical reproducibility mode removes that, which lets the
+tests assert ``torch.equal`` across instances and processes. It must be set before MKL first runs.
+"""
+
+import os
+
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from convlora.sam import random_sam, tiny_sam_config  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def sam_config():
+    """Config of a ~40k-parameter SAM: 64x64 input, 8x8 grid, one windowed and one global layer."""
+    return tiny_sam_config()
+
+
+@pytest.fixture
+def make_sam(sam_config):
+    """Factory of identical random tiny SAM models (same seed, same weights)."""
+
+    def make(seed: int = 0, config=None):
+        return random_sam(config or sam_config, seed=seed)
+
+    return make
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """A batch of two random 64x64 images."""
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
