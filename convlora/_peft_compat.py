@@ -11,6 +11,7 @@ with ``KeyError: 'CONV_LORA'`` instead of silently building a different model (t
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import peft
@@ -18,14 +19,16 @@ from packaging.version import Version
 
 TESTED_PEFT = ("0.21", "0.22")  # [lower, upper)
 
+# PEFT 0.21 calls a transformers API that transformers 5.x deprecates, on every get_peft_model; the
+# warning is about PEFT's code, not the user's, so convlora keeps it out of its users' logs.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
 
 def check_peft_version() -> None:
     """Warn when the installed PEFT is outside the range this shim was tested with."""
     version = Version(peft.__version__).release[:2]
     lower, upper = (Version(v).release[:2] for v in TESTED_PEFT)
     if not lower <= version < upper:
-        import warnings
-
         warnings.warn(
             f"convlora was tested with peft>={TESTED_PEFT[0]},<{TESTED_PEFT[1]} but peft {peft.__version__} is "
             "installed; Conv-LoRA's PEFT registration may not work.",
@@ -45,8 +48,10 @@ def register_peft_method(peft_type: str, config_cls: type, model_cls: type, pref
     }
     for table, value in tables.values():
         existing = table.get(peft_type)
-        if existing is not None and existing is not value and getattr(existing, "__qualname__", existing) != getattr(
-            value, "__qualname__", value
+        if (
+            existing is not None
+            and existing is not value
+            and getattr(existing, "__qualname__", existing) != getattr(value, "__qualname__", value)
         ):
             raise RuntimeError(f"PEFT already has a different method registered as {peft_type!r}: {existing}")
         table[peft_type] = value

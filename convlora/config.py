@@ -149,9 +149,7 @@ class ConvLoraConfig(PeftConfig):
                 raise ValueError(f"layers must be a list of non-negative layer indices, got {self.layers!r}")
             self.layers = sorted(set(self.layers))
         if self.target_preset is not None and self.target_preset not in TARGET_PRESETS:
-            raise ValueError(
-                f"Unknown target_preset {self.target_preset!r}; choose one of {sorted(TARGET_PRESETS)}"
-            )
+            raise ValueError(f"Unknown target_preset {self.target_preset!r}; choose one of {sorted(TARGET_PRESETS)}")
         if self.target_modules is None:
             self.target_modules = target_modules_pattern(self.target_preset or "qkv", self.layers)
         else:
@@ -187,6 +185,25 @@ class ConvLoraConfig(PeftConfig):
                 "by a newer convlora; upgrade convlora to load it."
             )
         return kwargs
+
+
+_dataclass_init = ConvLoraConfig.__init__
+
+
+def _init_refusing_unknown_fields(self: ConvLoraConfig, *args: Any, **kwargs: Any) -> None:
+    # A typo such as `num_expert=4` (or a field from a newer convlora) must be an error, not a TypeError that
+    # PEFT's loader catches and turns into a warning while dropping the field.
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(ConvLoraConfig)})
+    if unknown:
+        raise ValueError(
+            f"ConvLoraConfig got unknown fields {unknown}; known fields: "
+            f"{sorted(f.name for f in dataclasses.fields(ConvLoraConfig) if f.init)}. A saved adapter_config.json "
+            "with such fields was probably written by a newer convlora."
+        )
+    _dataclass_init(self, *args, **kwargs)
+
+
+ConvLoraConfig.__init__ = _init_refusing_unknown_fields  # type: ignore[method-assign]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -188,7 +188,10 @@ class ConvLoraLinear(nn.Module, ConvLoraLayer):
         base = self.get_base_layer()
         branches = {
             name: ConvLoraSideBranch.from_adapter(
-                self.conv_lora_A[name], self.conv_lora_experts[name], self.conv_lora_B[name], self.scaling[name]
+                self.conv_lora_A[name],
+                self.conv_lora_experts[name],
+                self.conv_lora_B[name],
+                self.scaling[name],
             )
             for name in self.merged_adapters
             if name in self.conv_lora_A
@@ -282,7 +285,12 @@ class ConvLoraMergedLinear(nn.Linear):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, specs: dict[str, dict[str, Any]], bias: bool = True, **kwargs: Any
+        self,
+        in_features: int,
+        out_features: int,
+        specs: dict[str, dict[str, Any]],
+        bias: bool = True,
+        **kwargs: Any,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, **kwargs)
         self.side_branches = nn.ModuleDict(

@@ -7,7 +7,7 @@ Importing this module registers the ``CONV_LORA`` method with PEFT, so that ``ge
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
@@ -36,7 +36,7 @@ class ConvLoraModel(BaseTuner):
 
     prefix: str = "conv_lora_"
     tuner_layer_cls = ConvLoraLayer
-    target_module_mapping: dict[str, list[str]] = {}
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {}
 
     def _prepare_adapter_config(self, peft_config: ConvLoraConfig, model_config: dict) -> ConvLoraConfig:
         # ConvLoraConfig always resolves its target_modules (from the preset) when it is created.

@@ -28,7 +28,11 @@ SAM_VARIANTS: dict[str, dict[str, Any]] = {
               "global_attn_indexes": [7, 15, 23, 31]},
 }  # fmt: skip
 
-HUB_IDS = {"vit-b": "facebook/sam-vit-base", "vit-l": "facebook/sam-vit-large", "vit-h": "facebook/sam-vit-huge"}
+HUB_IDS = {
+    "vit-b": "facebook/sam-vit-base",
+    "vit-l": "facebook/sam-vit-large",
+    "vit-h": "facebook/sam-vit-huge",
+}
 
 # Named sets of target modules inside SAM's image encoder. Patterns are anchored at ``vision_encoder``
 # because the mask decoder also has modules called ``mlp.lin1`` or ``q_proj``.
@@ -245,7 +249,15 @@ def apply_conv_lora(
         )
     else:
         peft_config = config
-    return get_peft_model(model, peft_config, adapter_name=adapter_name)
+    peft_model = get_peft_model(model, peft_config, adapter_name=adapter_name)
+    if not plain_lora:
+        outside = [name for name in describe_targets(peft_model) if ".vision_encoder." not in f".{name}"]
+        if outside:
+            raise ValueError(
+                f"Conv-LoRA's conv experts need the token grid of SAM's image encoder, but target_modules also "
+                f"matched {outside[:3]}; restrict target_modules to vision_encoder layers"
+            )
+    return peft_model
 
 
 def _interpolate_grid(table: torch.Tensor, size: int) -> torch.Tensor:
@@ -345,8 +357,7 @@ def load_sam(name_or_path: str | Path, *, image_size: int | None = None, local_f
             model = _model_class(model_type, config_file).from_pretrained(path, local_files_only=True)
     elif path.exists() or name.endswith((".pth", ".pt", ".bin", ".safetensors")):
         raise ValueError(
-            f"{name} is a file; pass the directory holding config.json and model.safetensors "
-            "(transformers' SAM layout)"
+            f"{name} is a file; pass the directory holding config.json and model.safetensors (transformers' SAM layout)"
         )
     else:
         try:
@@ -385,6 +396,48 @@ def _hub_model_class(name: str, local_files_only: bool) -> type[nn.Module]:
 
     config = AutoConfig.from_pretrained(name, local_files_only=local_files_only)
     return _model_class(config.model_type, name)
+
+
+def parameter_counts(variant: str = "vit-b", config: Any = None, *, plain_lora: bool = False) -> dict[str, Any]:
+    """Parameter counts of a released SAM variant with adapters, built on the meta device (no weights).
+
+    Args:
+        variant: ``"vit-b"``, ``"vit-l"`` or ``"vit-h"``.
+        config: the adapter configuration (defaults when ``None``).
+        plain_lora: count PEFT's LoRA with the same targets instead of Conv-LoRA.
+
+    Returns:
+        A dict with ``model`` (base parameters), ``adapter`` (LoRA or Conv-LoRA tensors),
+        ``conv_experts`` (the expert mixtures' share of ``adapter``), ``mask_decoder`` (trained in full),
+        ``trainable`` (adapter + mask decoder) and ``merged_extra`` (what a merged model keeps on top of the
+        base architecture).
+
+    >>> parameter_counts("vit-b")["model"]
+    93735728
+    """
+    from .config import ConvLoraConfig
+    from .export import merged_extra_parameters
+
+    config = ConvLoraConfig() if config is None else config
+    with torch.device("meta"):
+        model = SamModel(sam_config(variant))
+    base_total = count_parameters(model)
+    decoder = count_parameters(model.mask_decoder)
+    peft_model = apply_conv_lora(model, config, plain_lora=plain_lora)
+    adapter = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    experts = sum(p.numel() for n, p in peft_model.named_parameters() if "conv_lora_experts" in n)
+    trainable = count_parameters(peft_model, trainable_only=True)
+    merged = peft_model.merge_and_unload()
+    return {
+        "variant": variant,
+        "method": "lora" if plain_lora else "conv_lora",
+        "model": base_total,
+        "adapter": adapter,
+        "conv_experts": experts,
+        "mask_decoder": decoder,
+        "trainable": trainable,
+        "merged_extra": merged_extra_parameters(merged),
+    }
 
 
 def describe_targets(model: nn.Module) -> list[str]:

@@ -11,10 +11,10 @@ os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from convlora.sam import random_sam, tiny_sam_config  # noqa: E402
+from convlora.sam import random_sam, tiny_sam_config
 
 
 @pytest.fixture(autouse=True)
