@@ -7,7 +7,9 @@ A merged Conv-LoRA model is one self-contained checkpoint: transformers' ``confi
 ``model.safetensors``: stock ``SamModel.from_pretrained`` would otherwise load the folded weights,
 silently drop the side branches and produce different masks. Pointed at a merged Conv-LoRA directory it
 fails instead; :func:`load_merged` (and ``convlora.load_sam``) rebuild the branches. A merged plain-LoRA
-model has no side branch and is saved as a vanilla transformers checkpoint.
+(or decoder-only) binary model has no side branch and is saved as a vanilla transformers checkpoint; a
+multi-class model (see ``convlora.semantic``) always uses the convlora layout, since its decoder has
+class tokens that stock transformers does not know.
 """
 
 from __future__ import annotations
@@ -64,22 +66,31 @@ def save_merged(model: nn.Module, directory: str | Path) -> Path:
     >>> save_merged(peft_model.merge_and_unload(), "out/merged")  # doctest: +SKIP
     """
     directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        write_merged(model, tmp)
+    return directory
+
+
+def write_merged(model: nn.Module, directory: Path) -> None:
+    """Write the files of :func:`save_merged` into an existing (temporary) directory."""
+    from .semantic import class_decoder_classes
+
     layers = merged_layers(model)
+    num_classes = class_decoder_classes(model)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise ValueError(f"save_merged needs a transformers model with a config, got {type(model).__name__}")
-    with atomic_dir(directory) as tmp:
-        if not layers:
-            model.save_pretrained(str(tmp))
-        else:
-            config_dict = config.to_dict()
-            config_dict["convlora_merged"] = {
-                "format_version": MERGED_FORMAT_VERSION,
-                "layers": {name: layer.branch_specs() for name, layer in layers.items()},
-            }
-            write_json(tmp / "config.json", config_dict)
-            safetensors.torch.save_model(model, str(tmp / MERGED_WEIGHTS_NAME), metadata={"format": "pt"})
-    return directory
+    if not layers and num_classes is None:
+        model.save_pretrained(str(directory))
+        return
+    config_dict = config.to_dict()
+    config_dict["convlora_merged"] = {
+        "format_version": MERGED_FORMAT_VERSION,
+        "layers": {name: layer.branch_specs() for name, layer in layers.items()},
+        "num_classes": num_classes,
+    }
+    write_json(directory / "config.json", config_dict)
+    safetensors.torch.save_model(model, str(directory / MERGED_WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def load_merged(directory: str | Path) -> nn.Module:
@@ -113,6 +124,10 @@ def load_merged(directory: str | Path) -> nn.Module:
         )
     model_cls = _model_class(config_dict.get("model_type"), config_file)
     model = model_cls(model_cls.config_class.from_dict(config_dict))
+    if block.get("num_classes") is not None:
+        from .semantic import install_class_decoder
+
+        install_class_decoder(model, int(block["num_classes"]))
     for name, specs in block["layers"].items():
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -1,0 +1,132 @@
+"""Multi-class SAM: one learned query token per class in SAM's own mask decoder.
+
+SAM's mask decoder turns a few output tokens into masks: each token goes through SAM's two-way
+transformer together with the image embedding, then a small MLP (the "hypernetwork") maps it to weights
+that are dotted with the upscaled image features. SAM has four such tokens, meant for ambiguity, not for
+classes, and used prompt-free a single token cannot tell classes apart.
+
+:class:`ClassQueryMaskDecoder` keeps every pretrained part of the decoder and adds ``num_classes`` class
+tokens (class 0 is the background), all initialised from SAM's first mask token, and one hypernetwork
+MLP shared by all classes, initialised from SAM's first one. Its output is one mask-logit map per class,
+``(b, 1, num_classes, h, w)``, trained with per-pixel cross-entropy + Dice like any semantic
+segmentation head. The class of each token is fixed, so no bipartite matching (as in MaskFormer-style
+set prediction) is needed, any number of classes works (the cost is one extra token per class in the
+decoder's attention), and the shared MLP keeps the added parameters at ``num_classes * d`` plus one MLP.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.models.sam.modeling_sam import SamMaskDecoder
+
+
+class ClassQueryMaskDecoder(SamMaskDecoder):
+    """SAM's mask decoder with one query token per class and a shared hypernetwork MLP.
+
+    Build it with :func:`install_class_decoder` from a (pretrained) SAM model. ``forward`` has the
+    signature of ``SamMaskDecoder.forward``; it ignores ``multimask_output`` and returns one mask per
+    class and an IoU estimate for SAM's first (class-agnostic) token, repeated per class.
+
+    Args:
+        config: the ``SamMaskDecoderConfig`` of the model.
+        num_classes: number of classes including the background (class 0), at least 2.
+    """
+
+    def __init__(self, config: Any, num_classes: int) -> None:
+        super().__init__(config)
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2 (background included), got {num_classes!r}")
+        self.num_classes = num_classes
+        self.class_tokens = nn.Embedding(num_classes, config.hidden_size)
+        self.class_mlp = copy.deepcopy(self.output_hypernetworks_mlps[0])
+
+    def init_from_sam(self) -> None:
+        """Initialise every class token from SAM's first mask token and the class MLP from its first MLP."""
+        with torch.no_grad():
+            self.class_tokens.weight.copy_(self.mask_tokens.weight[:1].expand_as(self.class_tokens.weight))
+            self.class_mlp.load_state_dict(self.output_hypernetworks_mlps[0].state_dict())
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_positional_embeddings: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor | None,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool = False,
+        attention_similarity: torch.Tensor | None = None,
+        target_embedding: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, channels, height, width = image_embeddings.shape
+        tokens = torch.cat([self.iou_token.weight, self.class_tokens.weight], dim=0)  # (1 + k, d)
+        tokens = tokens.unsqueeze(0).unsqueeze(0).expand(batch, 1, -1, -1)  # (b, 1, 1 + k, d)
+        if sparse_prompt_embeddings is not None:
+            if sparse_prompt_embeddings.shape[1] != 1:
+                raise ValueError("The multi-class decoder takes at most one prompt set per image")
+            tokens = torch.cat([tokens, sparse_prompt_embeddings.to(tokens.dtype)], dim=2)
+        image = image_embeddings + dense_prompt_embeddings
+        queries, keys = self.transformer(
+            point_embeddings=tokens,
+            image_embeddings=image,
+            image_positional_embeddings=image_positional_embeddings,
+            attention_similarity=attention_similarity,
+            target_embedding=target_embedding,
+        )
+        class_queries = queries[:, :, 1 : 1 + self.num_classes, :]  # (b, 1, k, d)
+        features = keys.transpose(2, 3).reshape(batch, channels, height, width)
+        upscaled = self.activation(self.upscale_layer_norm(self.upscale_conv1(features)))
+        upscaled = self.activation(self.upscale_conv2(upscaled))  # (b, c, 4h, 4w)
+        weights = self.class_mlp(class_queries)  # (b, 1, k, c)
+        _, up_channels, up_height, up_width = upscaled.shape
+        masks = weights @ upscaled.reshape(batch, 1, up_channels, up_height * up_width)
+        masks = masks.reshape(batch, 1, self.num_classes, up_height, up_width)
+        iou = self.iou_prediction_head(queries[:, :, 0, :])[..., :1].expand(-1, -1, self.num_classes)
+        return masks, iou
+
+
+def install_class_decoder(model: nn.Module, num_classes: int) -> nn.Module:
+    """Replace the mask decoder of a SAM model by a :class:`ClassQueryMaskDecoder` (in place).
+
+    Pretrained decoder weights are kept; class tokens and the shared class MLP start from SAM's first mask
+    token and MLP. Call it before applying adapters, and identically before loading a trained adapter.
+
+    Args:
+        model: a ``SamModel`` (not wrapped in PEFT).
+        num_classes: classes including the background.
+
+    >>> from convlora.sam import random_sam, tiny_sam_config
+    >>> sam = install_class_decoder(random_sam(tiny_sam_config()), num_classes=12)
+    >>> sam(pixel_values=torch.randn(1, 3, 64, 64)).pred_masks.shape
+    torch.Size([1, 1, 12, 32, 32])
+    """
+    from .sam import find_sam
+
+    sam = find_sam(model)
+    old = sam.mask_decoder
+    if type(old) is not SamMaskDecoder:
+        raise ValueError(
+            f"Multi-class segmentation needs SAM's standard mask decoder, found {type(old).__name__} "
+            "(SAM-HQ models support binary segmentation only)"
+        )
+    reference = next(old.parameters())
+    decoder = ClassQueryMaskDecoder(sam.config.mask_decoder_config, num_classes)
+    decoder.to(device=reference.device, dtype=reference.dtype)
+    missing, unexpected = decoder.load_state_dict(old.state_dict(), strict=False)
+    new_parameters = {n for n, _ in decoder.named_parameters() if n.startswith(("class_tokens", "class_mlp"))}
+    if set(missing) != new_parameters or unexpected:
+        raise RuntimeError(f"Unexpected mask decoder layout: missing {missing}, unexpected {unexpected}")
+    decoder.init_from_sam()
+    decoder.train(old.training)
+    sam.mask_decoder = decoder
+    return model
+
+
+def class_decoder_classes(model: nn.Module) -> int | None:
+    """Number of classes of a model's class-query decoder, or ``None`` for SAM's standard decoder."""
+    for module in model.modules():
+        if isinstance(module, ClassQueryMaskDecoder):
+            return module.num_classes
+    return None
