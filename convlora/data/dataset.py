@@ -1,0 +1,413 @@
+"""``SegmentationDataset`` (lazy, picklable, deterministic augmentation) and the train/val/test builder.
+
+>>> from convlora.data import load_datasets
+>>> data = load_datasets("data/polyp", image_size=256)  # doctest: +SKIP
+>>> item = data.train[0]  # doctest: +SKIP
+>>> item["pixel_values"].shape, item["labels"].shape  # doctest: +SKIP
+(torch.Size([3, 256, 256]), torch.Size([256, 256]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..processing import IGNORE_INDEX, ResizeInfo, postprocess_masks, preprocess, preprocess_mask
+from .folder import (
+    ALL,
+    ENCODINGS,
+    MODES,
+    DatasetError,
+    DatasetReport,
+    Sample,
+    check_dataset,
+    mask_to_labels,
+    read_image,
+    read_image_size,
+    read_mask,
+    split_samples,
+)
+from .transforms import AugmentConfig, augment_sample, sample_generator
+
+
+class SegmentationDataset(Dataset):
+    """Images (and masks) fitted to SAM's square input, read from disk one sample at a time.
+
+    Nothing but paths and settings is kept on the object, so it pickles into DataLoader workers and
+    memory does not grow with the dataset. An item is a dict:
+
+    - ``pixel_values``: float32 ``(3, S, S)``, ImageNet-normalised, padded bottom/right with 0;
+    - ``labels``: int64 ``(S, S)`` class ids, 255 = ignore (padding included); binary datasets give
+      0/1/255. Absent when the sample has no mask;
+    - ``original_size``: int64 ``(2,)`` tensor ``(h, w)``; ``index``: position in the dataset;
+      ``path``: the image path.
+
+    With ``augment`` set, each item is augmented with a generator seeded by ``(seed, epoch, index)``:
+    the same epoch gives the same item in any process, another epoch another draw. Call
+    :meth:`set_epoch` before building each epoch's DataLoader (a ``persistent_workers`` loader keeps the
+    copy it started with).
+
+    Args:
+        samples: the samples (see :func:`~convlora.data.check_dataset` for validated ones).
+        image_size: the model's square input size ``S``.
+        mode: ``"binary"``, ``"multiclass"``, or ``None`` for unlabelled samples.
+        num_classes: classes including the background (2 for binary).
+        mask_encoding: how masks store labels (``"0/255"``, ``"0/1"``, ``"ids"``); by default ``"0/255"``
+            for binary (which also reads 0/1 masks) and ``"ids"`` for multi-class.
+        augment: augmentation settings; ``None`` (evaluation) fits images without randomness.
+        seed: augmentation seed.
+        class_names: a name per class, for reports.
+
+    >>> dataset = SegmentationDataset([Sample("a.png", "a_mask.png", key="a")], image_size=256)
+    >>> len(dataset)
+    1
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        *,
+        image_size: int = 1024,
+        mode: str | None = "binary",
+        num_classes: int = 2,
+        mask_encoding: str | None = None,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} or None (unlabelled), got {mode!r}")
+        if mode == "binary" and num_classes != 2:
+            raise ValueError(f"mode='binary' means num_classes=2, got {num_classes}")
+        if not 2 <= num_classes <= IGNORE_INDEX:
+            raise ValueError(f"num_classes must be in 2..255 (255 marks ignored pixels), got {num_classes}")
+        if mask_encoding is None:
+            mask_encoding = "0/255" if mode == "binary" else "ids"
+        if mask_encoding not in ENCODINGS:
+            raise ValueError(f"mask_encoding must be one of {ENCODINGS}, got {mask_encoding!r}")
+        if mode is None and any(s.labelled for s in samples):
+            raise ValueError("mode=None is for unlabelled samples; these have masks: pass 'binary' or 'multiclass'")
+        if augment is not None and not isinstance(augment, AugmentConfig):
+            raise TypeError(f"augment must be an AugmentConfig or None, got {type(augment).__name__}")
+        self.samples = tuple(samples)
+        self.image_size = image_size
+        self.mode = mode
+        self.num_classes = int(num_classes)
+        self.mask_encoding = mask_encoding
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+        self.class_names = list(class_names) if class_names is not None else None
+
+    @classmethod
+    def from_report(
+        cls,
+        report: DatasetReport,
+        split: str | None = None,
+        *,
+        image_size: int = 1024,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+    ) -> SegmentationDataset:
+        """The usable samples of one split (or all) of an inspected dataset, read as the report decided.
+
+        >>> from convlora.data import check_dataset
+        >>> dataset = SegmentationDataset.from_report(check_dataset("data/polyp"), "train")  # doctest: +SKIP
+        """
+        return cls(
+            report.usable_samples(split),
+            image_size=image_size,
+            mode=report.mode,
+            num_classes=report.num_classes or 2,
+            mask_encoding=report.mask_encoding,
+            augment=augment,
+            seed=seed,
+            class_names=report.class_names or None,
+        )
+
+    @property
+    def image_size(self) -> int:
+        """The model's square input size ``S``."""
+        return self._image_size
+
+    @image_size.setter
+    def image_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"image_size must be a positive integer, got {value!r}")
+        self._image_size = value
+
+    @property
+    def labelled(self) -> bool:
+        """Whether every sample has a mask."""
+        return bool(self.samples) and all(s.labelled for s in self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation draws the next items use."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _sample(self, index: int) -> Sample:
+        if not 0 <= index < len(self.samples):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self.samples)} samples")
+        return self.samples[index]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        sample = self._sample(index)
+        image = read_image(sample.image)
+        labels = self._labels(sample, image.shape[:2])
+        if self.augment is not None and self.augment.enabled:
+            generator = sample_generator(self.seed, self.epoch, index)
+            pixel_values, target = augment_sample(image, labels, self.image_size, self.augment, generator)
+        else:
+            pixel_values, _ = preprocess(image, self.image_size)
+            target = None if labels is None else preprocess_mask(labels, self.image_size)
+        item: dict[str, Any] = {
+            "pixel_values": pixel_values,
+            "original_size": torch.tensor(image.shape[:2], dtype=torch.int64),
+            "index": index,
+            "path": sample.image,
+        }
+        if target is not None:
+            item["labels"] = target
+        return item
+
+    def _labels(self, sample: Sample, image_size: tuple[int, int]) -> np.ndarray | None:
+        if sample.mask is None:
+            return None
+        labels = mask_to_labels(read_mask(sample.mask), self.mask_encoding)
+        if labels.dtype != np.uint8:  # 16/32-bit masks: a dtype every torch op supports
+            labels = labels.astype(np.int64)
+        if labels.shape != tuple(image_size):
+            raise DatasetError(
+                f"{sample.mask}: mask is {labels.shape[0]}x{labels.shape[1]} but its image is "
+                f"{image_size[0]}x{image_size[1]}; expected the same size"
+            )
+        limit = 2 if self.mode == "binary" else self.num_classes
+        bad = (labels >= limit) & (labels != IGNORE_INDEX)
+        if bad.any():
+            found = sorted(np.unique(labels[bad]).tolist())[:8]
+            raise DatasetError(
+                f"{sample.mask}: labels {found} outside 0..{limit - 1} (255 = ignore) for this {self.mode} dataset; "
+                "inspect_dataset lists every such mask"
+            )
+        return labels
+
+    def original_size(self, index: int) -> tuple[int, int]:
+        """``(h, w)`` of a sample's image, from the inspection or the file header."""
+        sample = self._sample(index)
+        return sample.size if sample.size is not None else read_image_size(sample.image)
+
+    def resize_info(self, index: int) -> ResizeInfo:
+        """How sample ``index`` is fitted into the input (without augmentation)."""
+        return ResizeInfo.fit(self.original_size(index), self.image_size)
+
+    def original_image(self, index: int) -> np.ndarray:
+        """A sample's image as uint8 ``(h, w, 3)`` at its original size."""
+        return read_image(self._sample(index).image)
+
+    def original_mask(self, index: int) -> np.ndarray:
+        """A sample's labels (class ids, binary 0/1, 255 = ignore) as int64 ``(h, w)`` at the original size."""
+        sample = self._sample(index)
+        if sample.mask is None:
+            raise ValueError(f"sample {index} ({sample.image}) has no mask")
+        labels = self._labels(sample, self.original_size(index))
+        return np.asarray(labels, dtype=np.int64)
+
+    def postprocess(self, logits: torch.Tensor, index: int) -> torch.Tensor:
+        """Mask logits ``(b, c, s, s)`` of sample ``index`` at its original ``(h, w)``: ``(b, c, h, w)``."""
+        return postprocess_masks(logits, self.resize_info(index))
+
+
+@dataclass
+class SegmentationData:
+    """The datasets of a training run and what they segment.
+
+    Args:
+        train: training samples (augmented).
+        val: validation samples (never augmented).
+        test: labelled test samples, or ``None``.
+        mode: ``"binary"`` or ``"multiclass"``.
+        num_classes: classes including the background (2 for binary).
+        class_names: a name per class.
+        task_family: a key of ``convlora.metrics.MAIN_METRICS``: the synthetic domain named in
+            ``dataset.json`` when there is one, else the mode.
+        reports: the inspection report of each source (``"data"``, ``"val_data"``, ``"test_data"``).
+        notes: how the splits were made (for the run's log).
+    """
+
+    train: SegmentationDataset
+    val: SegmentationDataset
+    test: SegmentationDataset | None
+    mode: str
+    num_classes: int
+    class_names: list[str]
+    task_family: str
+    reports: dict[str, DatasetReport] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def set_image_size(self, image_size: int) -> None:
+        """Fit every dataset to a model input of ``image_size``."""
+        for dataset in (self.train, self.val, self.test):
+            if dataset is not None:
+                dataset.image_size = image_size
+
+    def summary(self) -> str:
+        """A few lines for the run's log: sizes, mode, classes, skipped samples."""
+        test = f", test {len(self.test)}" if self.test is not None else ""
+        lines = [
+            f"data: train {len(self.train)}, val {len(self.val)}{test} samples; {self.mode}, "
+            f"{self.num_classes} classes ({', '.join(self.class_names[:10])}{' ...' * (len(self.class_names) > 10)})"
+        ]
+        lines.extend(f"data: {note}" for note in self.notes)
+        for name, report in self.reports.items():
+            if report.skipped:
+                lines.append(f"data: skipped {report.skipped} bad samples of {name} ({report.source})")
+        return "\n".join(lines)
+
+
+def _split_of(report: DatasetReport, preferred: str) -> list[Sample]:
+    """The usable samples of ``preferred`` when the source has that split folder, else of the whole source."""
+    return report.usable_samples(preferred if preferred in report.samples else None)
+
+
+def load_datasets(
+    data: str | Path,
+    *,
+    val_data: str | Path | None = None,
+    test_data: str | Path | None = None,
+    mode: str | None = None,
+    num_classes: int | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    skip_bad: bool = False,
+    augment: AugmentConfig | None = None,
+    image_size: int = 1024,
+    workers: int | None = None,
+) -> SegmentationData:
+    """Check a training dataset (and optional separate val/test sets) and build the three datasets.
+
+    Validation samples come from ``val_data``, else from ``data``'s ``val/`` folder, else from a seeded
+    hash split of the training samples (:func:`~convlora.data.split_samples`). The test set comes from
+    ``test_data``, else from a labelled ``test/`` folder. ``mode`` and ``num_classes`` are decided on
+    ``data`` and then checked on the other sets.
+
+    Args:
+        data: dataset folder or CSV file with masks.
+        val_data: separate validation dataset.
+        test_data: separate labelled test dataset.
+        mode: ``"binary"``, ``"multiclass"`` or ``None`` (inferred).
+        num_classes: classes including the background, or ``None``.
+        val_fraction: share held out for validation when no validation set is given.
+        seed: seed of the split and of the augmentation.
+        skip_bad: leave out bad samples (and say how many) instead of raising.
+        augment: training augmentation; the defaults of :class:`AugmentConfig` when ``None``.
+        image_size: the model's square input size (``set_image_size`` changes it later).
+        workers: threads used to inspect files.
+
+    Raises:
+        DatasetError: listing the problems of a dataset (see :func:`~convlora.data.check_dataset`).
+
+    >>> data = load_datasets("data/polyp", val_fraction=0.1, seed=1)  # doctest: +SKIP
+    """
+    main = check_dataset(data, mode, num_classes, skip_bad=skip_bad, workers=workers)
+    if not any(main.labelled.values()) or main.mode is None or main.num_classes is None:
+        raise DatasetError(f"{data}: training needs masks, but no masks/ folder or mask column was found", main)
+    reports = {"data": main}
+    notes: list[str] = []
+    augment = AugmentConfig() if augment is None else augment
+
+    def dataset(report: DatasetReport, samples: list[Sample], with_augment: bool) -> SegmentationDataset:
+        return SegmentationDataset(
+            samples,
+            image_size=image_size,
+            mode=report.mode,
+            num_classes=main.num_classes or 2,
+            mask_encoding=report.mask_encoding,
+            augment=augment if with_augment else None,
+            seed=seed,
+            class_names=main.class_names,
+        )
+
+    def checked(source: str | Path, name: str) -> DatasetReport:
+        report = check_dataset(source, main.mode, main.num_classes, skip_bad=skip_bad, workers=workers)
+        if not report.usable_samples() or not all(report.labelled.get(s, False) for s in report.splits):
+            raise DatasetError(f"{source}: {name} needs masks for every image", report)
+        reports[name] = report
+        return report
+
+    train_samples = _split_of(main, "train")
+    if "train" not in main.samples and ALL not in main.samples:
+        raise DatasetError(f"{data}: has val/test splits but no train split", main)
+    if val_data is not None:
+        val_report = checked(val_data, "val_data")
+        val = dataset(val_report, _split_of(val_report, "val"), False)
+    elif "val" in main.samples and main.usable_samples("val"):
+        val = dataset(main, main.usable_samples("val"), False)
+    else:
+        train_samples, val_samples = split_samples(train_samples, val_fraction, seed)
+        notes.append(
+            f"no validation set: held out {len(val_samples)} samples (val_fraction {val_fraction}, seed {seed})"
+        )
+        val = dataset(main, val_samples, False)
+    test = None
+    if test_data is not None:
+        test_report = checked(test_data, "test_data")
+        test = dataset(test_report, _split_of(test_report, "test"), False)
+    elif "test" in main.samples:
+        if main.labelled.get("test"):
+            test = dataset(main, main.usable_samples("test"), False)
+        else:
+            notes.append("test/ has no masks: no test evaluation")
+    if not train_samples:
+        raise DatasetError(f"{data}: no training samples", main)
+    return SegmentationData(
+        train=dataset(main, train_samples, True),
+        val=val,
+        test=test,
+        mode=main.mode,
+        num_classes=main.num_classes,
+        class_names=list(main.class_names),
+        task_family=_task_family(main),
+        reports=reports,
+        notes=notes,
+    )
+
+
+def _task_family(report: DatasetReport) -> str:
+    from ..metrics import MAIN_METRICS
+
+    if report.mode == "binary" and report.domain in MAIN_METRICS:
+        return str(report.domain)
+    return str(report.mode)
+
+
+def build_datasets(config: Any) -> SegmentationData:
+    """:func:`load_datasets` with the settings of a ``TrainConfig`` (``data``, ``val_data``, ``mode`` ...).
+
+    >>> from convlora.train_config import load_config
+    >>> data = build_datasets(load_config(overrides=["--data", "data/polyp"]))  # doctest: +SKIP
+    """
+    mode = None if config.mode in (None, "auto") else config.mode
+    return load_datasets(
+        config.data,
+        val_data=config.val_data,
+        test_data=config.test_data,
+        mode=mode,
+        num_classes=config.num_classes,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        skip_bad=config.skip_bad,
+        augment=config.augment_config(),
+        image_size=config.image_size or 1024,
+    )
