@@ -7,7 +7,9 @@
 
 from .config import ConvLoraConfig
 from .export import load_merged, merged_extra_parameters, save_adapter, save_merged
+from .inference import Segmenter, evaluate, merge_model, predict_folder
 from .layer import ConvLoraLinear, ConvLoraMergedLinear
+from .methods import TaskInfo, load_trained
 from .model import ConvLoraModel
 from .moe import ConvExpertMixture, moe_aux_loss
 from .sam import (
@@ -20,6 +22,9 @@ from .sam import (
     sam_config,
     tiny_sam_config,
 )
+from .semantic import install_class_decoder
+from .train import TrainResult, train
+from .train_config import TrainConfig, load_config
 
 __version__ = "0.1.0"
 
@@ -31,16 +36,27 @@ __all__ = [
     "ConvLoraLinear",
     "ConvLoraMergedLinear",
     "ConvLoraModel",
+    "Segmenter",
+    "TaskInfo",
+    "TrainConfig",
+    "TrainResult",
     "__version__",
     "apply_conv_lora",
     "count_parameters",
+    "evaluate",
+    "install_class_decoder",
+    "load_config",
     "load_merged",
     "load_sam",
+    "load_trained",
+    "merge_model",
     "merged_extra_parameters",
     "moe_aux_loss",
+    "predict_folder",
     "resize_sam",
     "sam_config",
     "save_adapter",
     "save_merged",
     "tiny_sam_config",
+    "train",
 ]

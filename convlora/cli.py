@@ -49,7 +49,153 @@ def _run_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    from .train_config import TrainConfig
+
+    fields = "\n".join(f"  {f}" for f in TrainConfig.__dataclass_fields__)
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune SAM on a dataset (Conv-LoRA, LoRA, decoder-only or full)",
+        description="Fine-tune SAM with Accelerate. Settings come from an optional JSON/TOML config file, then "
+        "from --key value overrides (nested: --conv_lora.r 4, --augment.hflip false). Run several processes "
+        "with `accelerate launch -m convlora train ...`.",
+        epilog="config keys (see the documentation for each):\n" + fields,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="JSON or TOML config file (keys as listed below)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_run_train, accepts_overrides=True)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import train
+    from .train_config import load_config
+
+    config = load_config(args.config, args.overrides)
+    try:
+        train(config, show_progress=not args.no_progress)
+    finally:
+        _close_process_group()
+    return 0
+
+
+def _close_process_group() -> None:
+    """Leave the process group cleanly, or processes started by `accelerate launch` hang at exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="metrics of a trained model on a labelled dataset",
+        description="Evaluate a trained model folder (RUN/adapter, or a merged model) on a labelled dataset "
+        "folder or CSV, at every image's original resolution. Uses the test/ split when the data has one.",
+    )
+    parser.add_argument("--model", required=True, help="trained model folder (e.g. runs/polyp/adapter)")
+    parser.add_argument("--data", required=True, help="labelled dataset folder or CSV")
+    parser.add_argument("--base-model", default=None, help="SAM checkpoint to use instead of the recorded one")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    parser.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from ._io import write_json
+    from .inference import evaluate
+
+    scores = evaluate(args.model, args.data, base_model=args.base_model, batch_size=args.batch_size)
+    for name, value in scores.items():
+        print(f"{name}: {value:.4f}")
+    if args.output:
+        write_json(args.output, scores)
+    return 0
+
+
+def _add_predict(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="segment a folder of images (no ground truth needed)",
+        description="Write one mask PNG per image at the image's original size (binary: 0/255, multi-class: "
+        "class ids) to OUTPUT/masks/, coloured overlays to OUTPUT/overlays/, and OUTPUT/predictions.json.",
+    )
+    parser.add_argument("--model", required=True, help="trained model folder (e.g. runs/polyp/adapter)")
+    parser.add_argument("--images", required=True, help="folder of images, or a CSV with an image column")
+    parser.add_argument("--output", required=True, help="output folder (replaced atomically)")
+    parser.add_argument("--base-model", default=None, help="SAM checkpoint to use instead of the recorded one")
+    parser.add_argument("--no-overlays", action="store_true", help="write masks only")
+    parser.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from .inference import predict_folder
+
+    done = predict_folder(
+        args.model, args.images, args.output, base_model=args.base_model, overlays=not args.no_overlays
+    )
+    print(f"Wrote {done['count']} masks to {done['output_dir']}")
+    return 0
+
+
+def _add_merge(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "merge",
+        help="fold a trained adapter into its base model (one self-contained checkpoint)",
+        description="Merge a LoRA or Conv-LoRA adapter into the base SAM. LoRA folds in exactly; Conv-LoRA's "
+        "conv experts are non-linear and stay as a small frozen side branch, whose size is printed.",
+    )
+    parser.add_argument("--model", required=True, help="trained adapter folder (e.g. runs/polyp/adapter)")
+    parser.add_argument("--output", required=True, help="output folder (replaced atomically)")
+    parser.add_argument("--base-model", default=None, help="SAM checkpoint to use instead of the recorded one")
+    parser.set_defaults(handler=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from .inference import merge_model
+
+    done = merge_model(args.model, args.output, base_model=args.base_model)
+    print(
+        f"Merged {done['method']} adapter into {done['output_dir']}; "
+        f"extra parameters kept beside the base architecture: {done['extra_parameters']:,}"
+    )
+    return 0
+
+
+def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="check a dataset and report what was found, before training",
+        description="Scan a dataset folder or CSV: counts per split, image sizes, mask values, mode and classes, "
+        "and every problem found (all at once). Exits with status 1 when there are problems.",
+    )
+    parser.add_argument("data", help="dataset folder or CSV")
+    parser.add_argument("--mode", choices=["auto", "binary", "multiclass"], default="auto", help="task mode")
+    parser.add_argument("--num-classes", type=int, default=None, help="classes including the background")
+    parser.add_argument("--json", default=None, help="also write the report to this JSON file")
+    parser.set_defaults(handler=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from ._io import write_json
+    from .data import inspect_dataset
+
+    mode = None if args.mode == "auto" else args.mode
+    report = inspect_dataset(args.data, mode=mode, num_classes=args.num_classes)
+    print(report.format())
+    if args.json:
+        write_json(args.json, report.to_dict())
+    return 1 if report.problems else 0
+
+
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "train": _add_train,
+    "evaluate": _add_evaluate,
+    "predict": _add_predict,
+    "merge": _add_merge,
+    "inspect": _add_inspect,
     "params": _add_params,
 }
 
@@ -69,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``convlora`` command line; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()

@@ -8,6 +8,9 @@ tests assert ``torch.equal`` across instances and processes. It must be set befo
 import os
 
 os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+# Tiny models run fastest on one thread, and two OpenMP threads on a loaded 2-core machine can stall for
+# milliseconds at every parallel region.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
