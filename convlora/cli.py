@@ -6,6 +6,7 @@ import argparse
 import copy
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -190,7 +191,72 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 1 if report.problems else 0
 
 
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="the main job on the embedded default: synthetic polyps, zero-shot vs Conv-LoRA fine-tuned",
+        description="Generate the synthetic polyp data (data/polyp), measure the embedded base SAM zero-shot, "
+        "fine-tune it with Conv-LoRA and print both; the run (adapter, metrics, plots) goes to runs/demo. "
+        "Any other domain: --domain skin|camouflage|shadow|leaf|road|scene.",
+    )
+    parser.add_argument("--domain", default="polyp", help="synthetic domain (default: polyp)")
+    parser.add_argument("--output-dir", default="runs/demo", help="run folder (default: runs/demo)")
+    parser.add_argument("--quick", action="store_true", help="a tiny budget, for a smoke run")
+    parser.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .examples import run_example
+
+    argv = ["--output-dir", args.output_dir] + (["--quick"] if args.quick else [])
+    if args.output_dir and (Path(args.output_dir) / "checkpoints").is_dir():
+        argv.append("--resume")
+    run_example(args.domain, argv)
+    return 0
+
+
+def _add_synth(subparsers: argparse._SubParsersAction) -> None:
+    from .synthetic import DOMAINS
+
+    parser = subparsers.add_parser(
+        "synth",
+        help="write a synthetic domain dataset in convlora's folder layout",
+        description="Generate a deterministic synthetic dataset (train/val/test with images/ and masks/) that "
+        "imitates one of the paper's domains. Domains: " + ", ".join(sorted(DOMAINS)),
+    )
+    parser.add_argument("domain", choices=sorted(DOMAINS), help="which domain")
+    parser.add_argument("output", help="output folder")
+    parser.add_argument("--train", type=int, default=200, help="training images")
+    parser.add_argument("--val", type=int, default=50, help="validation images")
+    parser.add_argument("--test", type=int, default=100, help="test images")
+    parser.add_argument("--size", type=int, default=128, help="typical image side (sides vary by up to 20%%)")
+    parser.add_argument("--square", action="store_true", help="exactly size x size images")
+    parser.add_argument("--seed", type=int, default=0, help="seed (the same seed writes the same files)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a different dataset in the folder")
+    parser.set_defaults(handler=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from .synthetic import write_dataset
+
+    path = write_dataset(
+        args.domain,
+        args.output,
+        train=args.train,
+        val=args.val,
+        test=args.test,
+        size=args.size,
+        seed=args.seed,
+        square=args.square,
+        overwrite=args.overwrite,
+    )
+    print(f"{args.domain}: {args.train} train, {args.val} val, {args.test} test images in {path}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "demo": _add_demo,
+    "synth": _add_synth,
     "train": _add_train,
     "evaluate": _add_evaluate,
     "predict": _add_predict,
