@@ -126,7 +126,7 @@ def zero_shot_metrics(config: Any) -> dict[str, float]:
 def format_comparison(comparison: dict[str, Any]) -> str:
     """Zero-shot vs fine-tuned metrics as a small Markdown table."""
     zero, tuned = comparison["zero_shot"], comparison["fine_tuned"] or {}
-    names = [comparison["metric"]] + [k for k in zero if k != comparison["metric"] and "/" not in k][:6]
+    names = [comparison["metric"], *[k for k in zero if k != comparison["metric"] and "/" not in k][:6]]
     lines = [
         f"\n{comparison['domain']}: {comparison['method']} on {comparison['model']} "
         f"({comparison['trainable_parameters']:,} trainable parameters, {comparison['wall_time_seconds']} s)",
