@@ -1,8 +1,13 @@
-"""Crash-safe writes: everything convlora saves is written under a temporary name, then renamed."""
+"""Crash-safe writes: everything convlora saves is written under a temporary name, then renamed.
+
+A write that fails (disk full, no permission, ...) raises :class:`WriteError` naming the destination and
+leaves whatever was there before untouched; no temporary file or folder is left behind.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -10,6 +15,65 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError
+
+
+class WriteError(OSError):
+    """Saving ``path`` failed; what was at ``path`` before is unchanged.
+
+    Args:
+        path: the destination that was not written.
+        reason: the underlying error (its ``errno``, e.g. ``ENOSPC``, is kept on this one).
+    """
+
+    def __init__(self, path: str | Path, reason: BaseException) -> None:
+        super().__init__(f"{path} was not saved ({reason}); anything already there is unchanged")
+        self.errno = getattr(reason, "errno", None)
+        self.path = Path(path)
+        self.reason = reason
+
+
+def _reraise(path: Path, error: BaseException) -> None:
+    """Re-raise a failed write's error; I/O failures become one ``WriteError`` naming ``path``."""
+    if isinstance(error, WriteError):  # a nested write into a temporary folder: name the real destination
+        raise WriteError(path, error.reason) from error.reason
+    if isinstance(error, (OSError, SafetensorError)):  # safetensors reports ENOSPC as SafetensorError
+        raise WriteError(path, error) from error
+    raise error
+
+
+_IMPORT_UMASK = os.umask(0o022)
+os.umask(_IMPORT_UMASK)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would, racing other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return _IMPORT_UMASK
+
+
+def _settle(folder: Path) -> None:
+    """Flush a finished temporary folder's files to disk and give everything the usual permissions.
+
+    Without the flush, a power loss just after the rename could leave empty files under the final name.
+    ``mkdtemp`` makes the folder 0700 and safetensors writes its files 0600: left so, an adapter copied to
+    a shared machine could not be read by another user; ``open``/``mkdir`` would apply the umask instead.
+    """
+    umask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -31,19 +95,33 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
     ...     _ = f.write("hello")
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise WriteError(path, error) from error
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the usual permissions
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        _reraise(path, error)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks.
+
+    >>> len(sha256_file(__file__))
+    64
+    """
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -71,20 +149,28 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     directory is removed and ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as error:
+        raise WriteError(path, error) from error
     try:
         yield tmp
+        _settle(tmp)
         _fsync_dir(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             old.rmdir()
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _reraise(path, error)

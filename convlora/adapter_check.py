@@ -1,15 +1,20 @@
 """Check a saved PEFT adapter against a base model before loading it, so that it is refused whole.
 
 ``PeftModel.from_pretrained`` reports a shape mismatch only once it has started copying tensors, and
-cannot tell a truncated file from a tampered one. This module reads the safetensors header (no tensor
-data), checks that the file is intact, and compares every saved tensor with the module it belongs to in
-the base model, naming both shapes on a mismatch.
+cannot tell a truncated file from a tampered one. This module validates ``adapter_config.json``, reads
+the safetensors header (no tensor data), checks that the file is intact, and compares every saved tensor
+with the module it belongs to in the base model, naming both shapes on a mismatch; after loading,
+:func:`check_adapter_complete` refuses a model some of whose adapter tensors were not in the file.
+
+A damaged header or a truncated file is caught here; altered tensor bytes are not (safetensors has no
+checksum): ``load_trained`` checks those against the SHA-256 recorded in ``convlora_task.json``.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -50,7 +55,10 @@ def _check_payload_size(path: Path) -> None:
     with path.open("rb") as handle:
         header_size = int.from_bytes(handle.read(8), "little")
         header = json.loads(handle.read(header_size))
-    end = max((info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"), default=0)
+    try:
+        end = max((info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError) as error:
+        raise ValueError(f"{path} is damaged: its header is malformed ({error!r} missing)") from error
     actual = path.stat().st_size - 8 - header_size
     if actual != end:
         raise ValueError(
@@ -68,14 +76,7 @@ def check_adapter_matches(base: nn.Module, directory: str | Path) -> None:
     >>> check_adapter_matches(sam, "runs/polyp/adapter")  # doctest: +SKIP
     """
     directory = Path(directory)
-    config_path = directory / ADAPTER_CONFIG
-    if not config_path.is_file():
-        raise ValueError(f"{directory} is not a PEFT adapter folder: {ADAPTER_CONFIG} is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
-    rank = config.get("r")
+    rank = read_adapter_config(directory).r
     weights = directory / ADAPTER_WEIGHTS
     shapes = read_safetensors_shapes(weights)
     modules = dict(base.named_modules())
@@ -99,19 +100,58 @@ def check_adapter_matches(base: nn.Module, directory: str | Path) -> None:
                     )
                 break
         else:
-            if ".modules_to_save." in name or "conv_lora_experts" in name:
+            if ".conv_lora_experts." in name:
+                module_name = name.split(".conv_lora_experts.")[0]
+                if not isinstance(modules.get(module_name), nn.Linear):
+                    raise ValueError(
+                        f"{weights}: tensor {key} adapts {module_name!r}, which is not a linear layer of the base "
+                        "model; the adapter was trained on a different architecture"
+                    )
                 continue
             target = params.get(name)
-            if target is None and ".mask_decoder." in f".{name}":
+            if target is None:
                 raise ValueError(
-                    f"{weights}: tensor {key} has no counterpart {name!r} in the base model's mask decoder; "
-                    "the adapter was trained on a different architecture (or number of classes)"
+                    f"{weights}: tensor {key} has no counterpart {name!r} in the base model; the adapter was "
+                    "trained on a different architecture (or number of classes), or the file was altered"
                 )
-            if target is not None and tuple(target.shape) != shape:
+            if tuple(target.shape) != shape:
                 raise ValueError(
                     f"{weights}: tensor {key} has shape {list(shape)} but the base model's {name} has shape "
                     f"{list(target.shape)}; the adapter was trained on a different base model"
                 )
+
+
+def read_adapter_config(directory: str | Path) -> Any:
+    """The validated ``PeftConfig`` of an adapter folder; any problem is a ValueError naming the file.
+
+    >>> config = read_adapter_config("runs/polyp/adapter")  # doctest: +SKIP
+    """
+    from peft import PeftConfig
+
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ValueError(f"{directory} is not a PEFT adapter folder: {ADAPTER_CONFIG} is missing")
+    try:
+        return PeftConfig.from_pretrained(str(directory))
+    except Exception as error:  # json, PEFT and our own validation raise several types
+        raise ValueError(f"{path}: {error}") from error
+
+
+def check_adapter_complete(model: nn.Module, directory: str | Path) -> None:
+    """After loading: every adapter tensor the model expects must have come from the file.
+
+    PEFT only warns about adapter tensors missing from a file (say, an adapter trained on a shallower
+    encoder) and leaves them at their initial values; this refuses such a partly loaded model.
+    """
+    from peft import get_peft_model_state_dict
+
+    weights = Path(directory) / ADAPTER_WEIGHTS
+    missing = sorted(set(get_peft_model_state_dict(model)) - set(read_safetensors_shapes(weights)))
+    if missing:
+        raise ValueError(
+            f"{weights} lacks {len(missing)} tensors the base model needs, e.g. {missing[:3]}; the adapter was "
+            "trained on a different architecture (e.g. fewer encoder layers)"
+        )
 
 
 def tensors_equal_shapes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

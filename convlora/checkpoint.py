@@ -111,12 +111,20 @@ def load_checkpoint(
     missing = [name for name in needed if not (directory / name).is_file()]
     if missing:
         raise ValueError(f"{directory} is not a complete convlora checkpoint: {missing} missing")
-    load_trainable_state(model, load_file(directory / "trainable.safetensors"), str(directory))
-    meta = json.loads((directory / "optimizer.json").read_text())
-    optimizer.load_state_dict(_optimizer_from_files(load_file(directory / "optimizer.safetensors"), meta))
-    rng_states = load_file(directory / "rng.safetensors")
-    progress = json.loads((directory / "progress.json").read_text())
-    return rng_states, progress
+    load_trainable_state(model, _read(directory / "trainable.safetensors"), str(directory))
+    meta = _read(directory / "optimizer.json")
+    optimizer.load_state_dict(_optimizer_from_files(_read(directory / "optimizer.safetensors"), meta))
+    return _read(directory / "rng.safetensors"), _read(directory / "progress.json")
+
+
+def _read(path: Path) -> Any:
+    """A checkpoint file's contents; a damaged file is a ValueError naming it."""
+    try:
+        return load_file(path) if path.suffix == ".safetensors" else json.loads(path.read_text())
+    except Exception as error:  # safetensors and json raise several types for damaged files
+        raise ValueError(
+            f"{path} is damaged ({error}); resume from an earlier checkpoint in {path.parent.parent}"
+        ) from error
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -148,6 +156,9 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
 
 
 def rotate_checkpoints(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints."""
+    """Delete all but the newest ``keep`` checkpoints, and the temporary folders of saves a kill interrupted."""
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    root = Path(run_dir) / "checkpoints"
+    for stale in [*root.glob(f".{CHECKPOINT_PREFIX}*.tmp"), *root.glob(f".{CHECKPOINT_PREFIX}*.old")]:
+        shutil.rmtree(stale, ignore_errors=True)

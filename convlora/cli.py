@@ -289,11 +289,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 2
+    from .train import TrainingError
+
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:  # bad input
         print(f"convlora {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except (TrainingError, OSError) as error:  # a run that cannot go on, a disk full, a permission denied
+        print(f"convlora {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

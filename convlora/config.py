@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,8 +128,8 @@ class ConvLoraConfig(PeftConfig):
                 raise ValueError(
                     f"expert_scales has {len(self.expert_scales)} entries but num_experts is {self.num_experts}"
                 )
-            if any(s <= 0 for s in self.expert_scales):
-                raise ValueError(f"expert_scales must all be > 0, got {self.expert_scales}")
+            if not all(0 < s < math.inf for s in self.expert_scales):
+                raise ValueError(f"expert_scales must all be > 0 and finite, got {self.expert_scales}")
         _check_int("top_k", self.top_k, minimum=1)
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
@@ -214,8 +215,8 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 
 def _check_number(name: str, value: Any, minimum: float, inclusive: bool = True) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < minimum or (not inclusive and value == minimum):
         bound = ">=" if inclusive else ">"
         raise ValueError(f"{name} must be {bound} {minimum}, got {value}")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_dir, write_json
-from .methods import TASK_FILE, TaskInfo, load_trained, segmentation_logits
+from .methods import TaskInfo, load_trained, segmentation_logits
 from .processing import overlay, postprocess_masks, preprocess, save_mask_png
 from .report import logits_to_mask
 
@@ -147,7 +147,7 @@ def merge_model(model_path: str | Path, output_dir: str | Path, *, base_model: s
     and ``convlora.load_sam``.
     """
     from .export import merged_extra_parameters, write_merged
-    from .methods import load_trained
+    from .methods import load_trained, write_task_file
 
     model, task = load_trained(model_path, base_model=base_model)
     if task.method not in ("conv_lora", "lora"):
@@ -157,5 +157,5 @@ def merge_model(model_path: str | Path, output_dir: str | Path, *, base_model: s
     merged_task = TaskInfo(**{**task.to_dict(), "merged": True})
     with atomic_dir(output_dir) as tmp:
         write_merged(merged, tmp)
-        write_json(tmp / TASK_FILE, merged_task.to_dict())
+        write_task_file(tmp, merged_task)
     return {"output_dir": str(output_dir), "extra_parameters": extra, "method": task.method}

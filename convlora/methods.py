@@ -23,7 +23,7 @@ import safetensors.torch
 from peft import PeftModel
 from torch import nn
 
-from ._io import atomic_dir, write_json
+from ._io import atomic_dir, sha256_file, write_json
 from .sam import find_sam, load_sam
 from .semantic import install_class_decoder
 
@@ -45,6 +45,8 @@ class TaskInfo:
         method: the training method.
         metrics: final metrics, for the model card.
         merged: the folder holds a merged model (``convlora merge``), loaded without the base model.
+        weights_sha256: SHA-256 of each weights file in the folder, recorded at export and checked by
+            :func:`load_trained` (safetensors files carry no checksum of their own).
     """
 
     mode: str
@@ -55,6 +57,7 @@ class TaskInfo:
     method: str
     metrics: dict[str, Any] = field(default_factory=dict)
     merged: bool = False
+    weights_sha256: dict[str, str] = field(default_factory=dict)
     format_version: int = TASK_FORMAT_VERSION
 
     @property
@@ -166,10 +169,34 @@ def export_trained(model: nn.Module, task: TaskInfo, directory: str | Path, mode
             safetensors.torch.save_model(decoder, str(tmp / DECODER_WEIGHTS), metadata={"format": "pt"})
         else:
             write_merged(model, tmp)
-        write_json(tmp / TASK_FILE, task.to_dict())
+        write_task_file(tmp, task)
         if model_card is not None:
             (tmp / "README.md").write_text(model_card)
     return directory
+
+
+def write_task_file(directory: Path, task: TaskInfo) -> None:
+    """Write ``convlora_task.json`` into a (temporary) folder, recording the SHA-256 of its weights files."""
+    hashes = {path.name: sha256_file(path) for path in sorted(directory.glob("*.safetensors"))}
+    write_json(directory / TASK_FILE, {**task.to_dict(), "weights_sha256": hashes})
+
+
+def verify_weights(directory: str | Path, task: TaskInfo) -> None:
+    """Refuse a model folder whose weights files differ from what was recorded at export.
+
+    Raises:
+        ValueError: a recorded file is missing or its SHA-256 differs (truncated, corrupted or altered).
+    """
+    for name, expected in task.weights_sha256.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise ValueError(f"{path} is missing; {TASK_FILE} records it as part of this model")
+        found = sha256_file(path)
+        if found != expected:
+            raise ValueError(
+                f"{path} is damaged or was altered after export: its SHA-256 is {found[:12]}..., "
+                f"{TASK_FILE} recorded {expected[:12]}..."
+            )
 
 
 def load_trained(directory: str | Path, *, base_model: str | None = None) -> tuple[nn.Module, TaskInfo]:
@@ -187,26 +214,46 @@ def load_trained(directory: str | Path, *, base_model: str | None = None) -> tup
     """
     directory = Path(directory)
     task = TaskInfo.read(directory)
+    verify_weights(directory, task)
     if task.method == "full" or task.merged:
         model = load_sam(directory)
         return model.eval(), task
-    base = load_sam(base_model or task.base_model, image_size=task.image_size)
+    try:
+        base = load_sam(base_model or task.base_model, image_size=task.image_size)
+    except ValueError as error:
+        if base_model is not None:
+            raise
+        raise ValueError(f"{error} ({directory} was trained on it; pass base_model / --base-model)") from error
     if task.mode == "multiclass":
         install_class_decoder(base, task.num_classes)
     if task.method in ("conv_lora", "lora"):
-        from .adapter_check import check_adapter_matches
+        from .adapter_check import check_adapter_complete, check_adapter_matches
 
         check_adapter_matches(base, directory)
-        model = PeftModel.from_pretrained(base, str(directory))
+        try:
+            model = PeftModel.from_pretrained(base, str(directory))
+        except (RuntimeError, KeyError) as error:  # PEFT's own refusals of a mismatched state dict
+            raise ValueError(f"{directory} does not fit base model {base_model or task.base_model}: {error}") from error
+        check_adapter_complete(model, directory)
     elif task.method == "decoder":
         weights = directory / DECODER_WEIGHTS
         if not weights.is_file():
             raise ValueError(f"{directory} has no {DECODER_WEIGHTS}")
+        from .adapter_check import read_safetensors_shapes
+
         decoder = find_sam(base).mask_decoder
+        source = base_model or task.base_model
+        expected = {name: tuple(tensor.shape) for name, tensor in decoder.state_dict().items()}
+        for name, shape in read_safetensors_shapes(weights).items():
+            if name in expected and shape != expected[name]:
+                raise ValueError(
+                    f"{weights} does not fit the mask decoder of {source}: tensor {name} has shape {list(shape)}, "
+                    f"the decoder's has {list(expected[name])}; it was trained on a different base model"
+                )
         missing, unexpected = safetensors.torch.load_model(decoder, str(weights), strict=False)
         if missing or unexpected:
             raise ValueError(
-                f"{weights} does not fit the mask decoder of {task.base_model}: missing {sorted(missing)[:5]}, "
+                f"{weights} does not fit the mask decoder of {source}: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}"
             )
         model = base

@@ -354,14 +354,19 @@ def load_sam(name_or_path: str | Path, *, image_size: int | None = None, local_f
         if (path / MERGED_WEIGHTS_NAME).is_file():
             model = load_merged(path)
         else:
-            model = _model_class(model_type, config_file).from_pretrained(path, local_files_only=True)
+            try:
+                model = _from_pretrained(_model_class(model_type, config_file), path, local_files_only=True)
+            except OSError as error:
+                raise ValueError(f"{path} is not a SAM checkpoint: {error}") from error
     elif path.exists() or name.endswith((".pth", ".pt", ".bin", ".safetensors")):
         raise ValueError(
             f"{name} is a file; pass the directory holding config.json and model.safetensors (transformers' SAM layout)"
         )
     else:
+        if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+            raise ValueError(f"{name} does not exist (expected a SAM checkpoint folder, an embedded name or a hub id)")
         try:
-            model = _hub_model_class(name, local_files_only).from_pretrained(name, local_files_only=local_files_only)
+            model = _from_pretrained(_hub_model_class(name, local_files_only), name, local_files_only=local_files_only)
         except OSError as error:
             raise ValueError(
                 f"Could not load SAM model {name!r}: not an embedded model ({sorted(assets.EMBEDDED_MODELS)}), "
@@ -370,6 +375,36 @@ def load_sam(name_or_path: str | Path, *, image_size: int | None = None, local_f
     find_sam(model)
     if image_size is not None:
         model = resize_sam(model, image_size)
+    return model
+
+
+def _from_pretrained(model_cls: type[nn.Module], source: str | Path, **kwargs: Any) -> nn.Module:
+    """``from_pretrained`` from safetensors only (nothing unpickled), refusing weights that do not fill the model.
+
+    transformers would re-initialise missing or mis-shaped tensors at random with a warning; a partly random
+    SAM is refused here instead, naming a tensor (and both shapes).
+    """
+    from safetensors import SafetensorError
+
+    try:
+        model, info = model_cls.from_pretrained(
+            source, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+    except SafetensorError as error:
+        raise ValueError(f"{source} holds an unreadable safetensors file (truncated or corrupted?): {error}") from error
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda item: item[0])
+    if mismatched:
+        key, found, expected = mismatched[0]
+        raise ValueError(
+            f"{source}: tensor {key} has shape {list(found)} but its config.json describes {list(expected)} "
+            f"({len(mismatched)} tensors differ); the weights belong to another model"
+        )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(
+            f"{source}: the weights lack {len(missing)} tensors of the SAM its config.json describes, e.g. "
+            f"{missing[:3]}; they belong to another model or are incomplete"
+        )
     return model
 
 
@@ -394,7 +429,8 @@ def _model_class(model_type: str | None, source: Any) -> type[nn.Module]:
 def _hub_model_class(name: str, local_files_only: bool) -> type[nn.Module]:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(name, local_files_only=local_files_only)
+    # never run code shipped with a checkpoint (transformers would ask interactively when this is unset)
+    config = AutoConfig.from_pretrained(name, local_files_only=local_files_only, trust_remote_code=False)
     return _model_class(config.model_type, name)
 
 

@@ -124,6 +124,7 @@ def _make_accelerator(config: TrainConfig, run_dir: Path):
 
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("mixed_precision='fp16' needs a CUDA GPU; use 'bf16' or 'no' on this machine")
+    _forget_previous_run_settings()
     return Accelerator(
         # Without a GPU, processes started by `accelerate launch` / torchrun train on CPU with gloo.
         cpu=not torch.cuda.is_available(),
@@ -133,6 +134,21 @@ def _make_accelerator(config: TrainConfig, run_dir: Path):
         # Top-1 routing leaves some experts without samples in a step; DDP must not wait for their gradients.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+
+
+def _forget_previous_run_settings() -> None:
+    """Let one process run several trainings with different settings (examples, benchmarks, notebooks).
+
+    Accelerate keeps its settings (mixed precision, ...) in a process-wide singleton and refuses to change
+    them. In a single process nothing else depends on it, so it is cleared between runs; under
+    `accelerate launch` it holds the process group and is left alone.
+    """
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    if PartialState._shared_state and PartialState().num_processes > 1:
+        return
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
 
 
 def _rng_states(accelerator: Any) -> dict[str, torch.Tensor]:
@@ -262,17 +278,30 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
     window_start, window_images = time.time(), 0
     base_elapsed = float(progress.get("elapsed", 0.0))
 
+    def last_good() -> str:
+        last = list_checkpoints(run_dir)
+        return f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+
     def snapshot() -> None:
+        step = progress["global_step"]
+        if not all(bool(torch.isfinite(p).all()) for p in trainable):  # every process holds the same weights
+            raise TrainingError(f"non-finite weights after step {step}; {last_good()}. Lower lr or enable grad_clip.")
         states = _rng_states(accelerator)
         if is_main:
             record = dict(progress, scheduler=scheduler.state_dict(), elapsed=base_elapsed + time.time() - started)
-            save_checkpoint(
-                checkpoint_dir(run_dir, progress["global_step"]),
-                accelerator.unwrap_model(step_module).model,
-                optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                states,
-                record,
-            )
+            try:
+                save_checkpoint(
+                    checkpoint_dir(run_dir, step),
+                    accelerator.unwrap_model(step_module).model,
+                    optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                    states,
+                    record,
+                )
+            except OSError as error:
+                raise TrainingError(
+                    f"could not save the checkpoint of step {step}: {error}; {last_good()}. "
+                    "Free space (or fix permissions) and continue with --resume latest."
+                ) from error
             rotate_checkpoints(run_dir, config.keep_checkpoints)
         accelerator.wait_for_everyone()
 
@@ -295,7 +324,13 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
                 task.metrics = {"val": scores, "best_epoch": epoch}
                 from .report import model_card
 
-                export_trained(unwrapped, task, adapter_dir, model_card(task, config, scores))
+                try:
+                    export_trained(unwrapped, task, adapter_dir, model_card(task, config, scores))
+                except OSError as error:
+                    raise TrainingError(
+                        f"could not save the best model of epoch {epoch}: {error}; {last_good()}. "
+                        "Free space (or fix permissions) and continue with --resume latest."
+                    ) from error
         else:
             progress["evals_without_improvement"] += 1
         if is_main:
@@ -331,11 +366,9 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
                 continue
             losses = _optimizer_step(accelerator, step_module, optimizer, group, config.grad_clip, trainable)
             if not math.isfinite(losses["loss"]):
-                last = list_checkpoints(run_dir)
-                kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
                 raise TrainingError(
                     f"non-finite loss ({losses['loss']}) at step {progress['global_step'] + 1} (epoch {epoch}); "
-                    f"{kept}. Lower lr, enable grad_clip, or check the data."
+                    f"{last_good()}. Lower lr, enable grad_clip, or check the data."
                 )
             scheduler.step()
             progress["global_step"] += 1

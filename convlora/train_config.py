@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -250,6 +251,8 @@ def _check_types(config: TrainConfig) -> None:
         expected = hints[f.name]
         if not _matches(value, expected):
             raise ValueError(f"{f.name} must be {_describe(expected)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value!r}")
         if isinstance(value, int) and not isinstance(value, bool) and float in _flatten(expected):
             setattr(config, f.name, float(value))
 

@@ -240,3 +240,29 @@ def test_epoch_order_shards_one_shuffle_between_processes():
     assert sorted(parts[0] + parts[1]) == sorted(whole)
     assert parts[0] == whole[0::2] and parts[1] == whole[1::2]
     assert epoch_order(10, seed=3, epoch=2) != whole
+
+
+def test_gradient_accumulation_of_two_batches_of_two_equals_one_batch_of_four(workspace):
+    common = ["--data", str(workspace / "square"), "--epochs", "1", "--conv_lora.noisy_gating", "false"]
+    common += ["--overlay_samples", "0"]
+    a = train(config(workspace, "accum", *common, "--batch_size", "2", "--grad_accum", "2"), show_progress=False)
+    b = train(config(workspace, "plain", *common, "--batch_size", "4"), show_progress=False)
+    assert a.steps == b.steps == 4
+    first = load_file(a.adapter_dir / "adapter_model.safetensors")
+    second = load_file(b.adapter_dir / "adapter_model.safetensors")
+    for key in first:
+        assert torch.allclose(first[key], second[key], atol=1e-4), key
+
+
+def test_bf16_mixed_precision_trains_on_cpu(workspace):
+    result = train(config(workspace, "bf16", "--mixed_precision", "bf16", "--epochs", "1"), show_progress=False)
+    losses = json.loads((result.run_dir / "metrics.json").read_text())["train_loss"]
+    assert all(np.isfinite(entry["loss"]) for entry in losses)
+    assert result.best_value is not None and np.isfinite(result.best_value)
+
+
+def test_fp16_without_a_gpu_is_refused_with_a_clear_error(workspace):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="fp16' needs a CUDA GPU"):
+        train(config(workspace, "fp16", "--mixed_precision", "fp16"), show_progress=False)
