@@ -48,6 +48,8 @@ class ConvLoraConfig(PeftConfig):
         init_lora_weights: ``True`` for the identity at initialisation (zero ``B``, zero gate);
             ``False`` gives random ``B`` and gate weights, useful only for tests.
         format_version: version of the saved format; adapters from a newer convlora are refused.
+        target_parameters: read by PEFT's generic code; Conv-LoRA adapts modules, so it must stay ``None``.
+        exclude_modules: names or a regex of modules never to adapt, even when ``target_modules`` matches.
 
     >>> config = ConvLoraConfig(r=4, num_experts=4)
     >>> config.expert_scales

@@ -105,6 +105,9 @@ def run_example(domain: str, argv: Sequence[str] | None = None, description: str
 def zero_shot_metrics(config: Any) -> dict[str, float]:
     """Test metrics of the base model before any fine-tuning, prompt-free.
 
+    Args:
+        config: the run's ``TrainConfig`` (data, model and image size are read from it).
+
     For a binary task this is SAM's own first mask; for a multi-class task the freshly initialised class
     decoder, whose classes all start alike, so the number shows what an untrained head gives.
     """

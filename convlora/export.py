@@ -36,6 +36,9 @@ def merged_layers(model: nn.Module) -> dict[str, ConvLoraMergedLinear]:
 def merged_extra_parameters(model: nn.Module) -> int:
     """Parameters a merged Conv-LoRA model has beyond its base architecture (the side branches).
 
+    Args:
+        model: a model returned by ``merge_and_unload()``.
+
     >>> merged_extra_parameters(nn.Linear(2, 2))
     0
     """
@@ -95,6 +98,9 @@ def write_merged(model: nn.Module, directory: Path) -> None:
 
 def load_merged(directory: str | Path) -> nn.Module:
     """Load a checkpoint written by :func:`save_merged`, side branches included.
+
+    Args:
+        directory: the folder written by :func:`save_merged`.
 
     Raises:
         ValueError: when the directory is not a merged convlora checkpoint, or its weights do not match

@@ -145,6 +145,11 @@ def merge_model(model_path: str | Path, output_dir: str | Path, *, base_model: s
     Conv-LoRA's linear part is folded into the weights exactly; its conv experts stay as a small frozen
     side branch (reported as ``extra_parameters``). The output loads with ``Segmenter.from_pretrained``
     and ``convlora.load_sam``.
+
+    Args:
+        model_path: the trained adapter folder.
+        output_dir: where the merged model goes (replaced atomically).
+        base_model: see :meth:`Segmenter.from_pretrained`.
     """
     from .export import merged_extra_parameters, write_merged
     from .methods import load_trained, write_task_file

@@ -151,6 +151,7 @@ class ConvLoraLinear(nn.Module, ConvLoraLayer):
                 experts.aux_loss = None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``W x + b + (alpha / r) B(z + MoE(z))`` with ``z = A x``, for every active adapter; ``(b, h, w, out)``."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -236,6 +237,7 @@ class ConvLoraSideBranch(nn.Module):
     def from_adapter(
         cls, down: nn.Linear, experts: ConvExpertMixture, up: nn.Linear, scaling: float
     ) -> ConvLoraSideBranch:
+        """A frozen copy of one adapter's conv path, with ``scaling`` folded into the up-projection."""
         spec = {
             "r": experts.channels,
             "scales": list(experts.scales),
@@ -266,6 +268,7 @@ class ConvLoraSideBranch(nn.Module):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch's contribution ``(b, h, w, out)`` for a grid ``x`` ``(b, h, w, in)``."""
         _expects_grid(x, "A merged Conv-LoRA layer")
         z = self.down(x.to(self.down.weight.dtype))  # (b, h, w, r)
         return self.up(self.experts(z))  # (b, h, w, out)
@@ -319,6 +322,7 @@ class ConvLoraMergedLinear(nn.Linear):
         return {name: branch.spec() for name, branch in self.side_branches.items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The folded linear layer plus every side branch."""
         result = super().forward(x)
         for branch in self.side_branches.values():
             result = result + branch(x).to(result.dtype)

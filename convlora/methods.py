@@ -45,6 +45,7 @@ class TaskInfo:
         method: the training method.
         metrics: final metrics, for the model card.
         merged: the folder holds a merged model (``convlora merge``), loaded without the base model.
+        format_version: version of this file's format; files from a newer convlora are refused.
         weights_sha256: SHA-256 of each weights file in the folder, recorded at export and checked by
             :func:`load_trained` (safetensors files carry no checksum of their own).
     """
@@ -66,6 +67,7 @@ class TaskInfo:
         return 1 if self.mode == "binary" else self.num_classes
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-able copy of every field."""
         return asdict(self)
 
     @classmethod
@@ -99,6 +101,10 @@ class TaskInfo:
 
 def freeze_unused_decoder_parts(model: nn.Module, mode: str) -> list[str]:
     """Freeze the mask-decoder parts that prompt-free segmentation never uses; returns their names.
+
+    Args:
+        model: the task model (PEFT-wrapped or not).
+        mode: ``"binary"`` or ``"multiclass"``.
 
     SAM's IoU head is not used by mask losses; binary runs use only the first mask token's hypernetwork
     MLP; multi-class runs use the class tokens and class MLP instead of SAM's mask tokens. Frozen, these
@@ -157,7 +163,14 @@ def build_task_model(
 
 
 def export_trained(model: nn.Module, task: TaskInfo, directory: str | Path, model_card: str | None = None) -> Path:
-    """Write a trained model's artifact (see the module docstring) atomically into ``directory``."""
+    """Write a trained model's artifact (see the module docstring) atomically into ``directory``.
+
+    Args:
+        model: the trained model (a ``PeftModel`` for ``conv_lora``/``lora``).
+        task: the task description written to ``convlora_task.json``.
+        directory: the output folder, replaced as a whole.
+        model_card: text of the ``README.md`` written beside the weights.
+    """
     from .export import write_merged
 
     directory = Path(directory)

@@ -22,7 +22,7 @@ class ConvLoraModel(BaseTuner):
 
     Args:
         model: the model to adapt.
-        config: the adapter configuration(s).
+        peft_config: the adapter configuration(s).
         adapter_name: name of the adapter.
         low_cpu_mem_usage: accepted for PEFT compatibility; adapters are small and always materialised.
 

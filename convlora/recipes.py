@@ -86,6 +86,9 @@ RECIPES: dict[str, Recipe] = {
 def recipe(domain: str) -> Recipe:
     """The recipe of ``domain``, with a clear error for an unknown one.
 
+    Args:
+        domain: a key of :data:`RECIPES`.
+
     >>> recipe("shadow").loss
     'balanced_bce'
     """

@@ -171,6 +171,9 @@ def random_sam(config: Any, seed: int = 0) -> nn.Module:
 def find_sam(model: nn.Module) -> nn.Module:
     """The SAM model inside ``model`` (itself, or inside a ``PeftModel`` or a task wrapper).
 
+    Args:
+        model: any module.
+
     Raises:
         ValueError: if no module with a ViT ``vision_encoder`` and a ``mask_decoder`` is found.
     """
@@ -186,6 +189,10 @@ def find_sam(model: nn.Module) -> nn.Module:
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of (distinct) parameters, optionally only those with ``requires_grad``.
+
+    Args:
+        model: any module; shared (tied) parameters count once.
+        trainable_only: count only parameters with ``requires_grad``.
 
     >>> count_parameters(nn.Linear(3, 2))
     8
@@ -477,7 +484,11 @@ def parameter_counts(variant: str = "vit-b", config: Any = None, *, plain_lora: 
 
 
 def describe_targets(model: nn.Module) -> list[str]:
-    """Names of the modules that carry adapters in a PEFT-wrapped model (for logs and tests)."""
+    """Names of the modules that carry adapters in a PEFT-wrapped model (for logs and tests).
+
+    Args:
+        model: a PEFT-wrapped model.
+    """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]

@@ -60,6 +60,7 @@ class ClassQueryMaskDecoder(SamMaskDecoder):
         attention_similarity: torch.Tensor | None = None,
         target_embedding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One mask-logit map per class ``(b, 1, k, 4h, 4w)`` and the IoU estimate ``(b, 1, k)``."""
         batch, channels, height, width = image_embeddings.shape
         tokens = torch.cat([self.iou_token.weight, self.class_tokens.weight], dim=0)  # (1 + k, d)
         tokens = tokens.unsqueeze(0).unsqueeze(0).expand(batch, 1, -1, -1)  # (b, 1, 1 + k, d)

@@ -45,7 +45,22 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What a finished run produced."""
+    """What a finished run produced.
+
+    Args:
+        run_dir: the run folder.
+        adapter_dir: the exported best model (``run_dir / "adapter"``), loadable with ``load_trained``.
+        task: what the model segments and how to rebuild it.
+        metric: the validation metric that picked the best model.
+        best_value: its best value (``None`` if no evaluation ran).
+        best_epoch: the epoch of the best value.
+        steps: optimiser steps taken.
+        history: one dict of validation metrics per evaluation.
+        test_metrics: metrics of the best model on the test set, if there is one.
+        trainable_parameters: parameters that were trained.
+        wall_time: seconds, resumed parts included.
+        stopped_early: whether early stopping ended the run.
+    """
 
     run_dir: Path
     adapter_dir: Path
@@ -166,10 +181,13 @@ def _rng_states(accelerator: Any) -> dict[str, torch.Tensor]:
     return states
 
 
-def _restore_rng(states: dict[str, torch.Tensor], rank: int, source: Path) -> None:
+def _restore_rng(states: dict[str, torch.Tensor], rank: int, world: int, source: Path) -> None:
+    saved = sum(1 for key in states if key.startswith("torch."))
+    if saved != world:
+        raise ValueError(
+            f"{source} was written by a run with {saved} process(es); resume it with the same number, not {world}"
+        )
     key = f"torch.{rank}"
-    if key not in states:
-        raise ValueError(f"{source} has no random state for process {rank}; resume with the same process count")
     torch.set_rng_state(states[key])
     if torch.cuda.is_available() and f"cuda.{rank}" in states:
         torch.cuda.set_rng_state(states[f"cuda.{rank}"])
@@ -266,7 +284,7 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
         )
         accelerator.init_trackers("convlora", config=_scalar_config(config))
     if rng_states is not None:
-        _restore_rng(rng_states, rank, resume_from)
+        _restore_rng(rng_states, rank, world, resume_from)
 
     bar = None
     if show_progress and is_main:
@@ -477,7 +495,8 @@ def evaluate_split(
     world = accelerator.num_processes if accelerator is not None else 1
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     indices = list(range(rank, len(dataset), world))
-    metrics = build_metrics(data.mode, data.num_classes)
+    extra = {"class_names": list(data.class_names)} if data.mode == "multiclass" else {}
+    metrics = build_metrics(data.mode, data.num_classes, **extra)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=0)
     for batch in loader:
         with accelerator.autocast() if accelerator is not None else _nullcontext():

@@ -47,7 +47,8 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         warmup_ratio: share of the optimiser steps spent warming up linearly; cosine decay afterwards.
         grad_clip: maximum gradient norm (0 disables clipping).
-        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (fp16 needs a CUDA GPU).
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (fp16 needs a CUDA GPU); unset: what
+            ``accelerate launch --mixed_precision`` (or ``accelerate config``) says, else ``"no"``.
         gradient_checkpointing: recompute encoder activations in the backward pass to save memory.
         loss: loss name from ``convlora.losses``; ``bce_dice`` (binary) or ``ce_dice`` (multi-class) by default.
         augment: fields of the augmentation settings (``hflip``, ``scale``, ``color_jitter`` ...).
@@ -84,7 +85,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None
     gradient_checkpointing: bool = False
     loss: str | None = None
     augment: dict[str, Any] = field(default_factory=dict)
@@ -106,7 +107,8 @@ class TrainConfig:
             raise ValueError("data is required: a dataset folder or a CSV file of image,mask paths")
         _choice("mode", self.mode, MODES)
         _choice("method", self.method, METHODS)
-        _choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        if self.mixed_precision is not None:
+            _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         for name in ("epochs", "batch_size", "grad_accum", "eval_every_epochs", "keep_checkpoints", "log_every_steps"):
             _positive(name, getattr(self, name))
         for name in ("num_workers", "save_every_steps", "overlay_samples"):
@@ -186,9 +188,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         text = path.read_text()
         try:
             if path.suffix == ".toml":
-                import tomllib
-
-                data = tomllib.loads(text)
+                data = _toml_loads(text, path)
             elif path.suffix == ".json":
                 data = json.loads(text)
             else:
@@ -204,6 +204,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = f"{source} + command line"
     data.update(fields)
     return TrainConfig.from_dict(data, source=source)
+
+
+def _toml_loads(text: str, path: Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError as error:
+            raise ValueError(f"reading {path} needs Python 3.11+ or the tomli package; or use a JSON config") from error
+    return tomllib.loads(text)
 
 
 def _parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
