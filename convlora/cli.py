@@ -254,6 +254,26 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pretrain(subparsers: argparse._SubParsersAction) -> None:
+    from .pretrain import build_parser as pretrain_parser
+
+    template = pretrain_parser()
+    parser = subparsers.add_parser(
+        "pretrain-base",
+        help="pretrain the small embedded SAM (convlora-tiny) on the generated generic-objects corpus",
+        description=template.description,
+        parents=[template],
+        add_help=False,
+    )
+    parser.set_defaults(handler=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import run
+
+    return run(args)
+
+
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "demo": _add_demo,
     "synth": _add_synth,
@@ -263,6 +283,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "merge": _add_merge,
     "inspect": _add_inspect,
     "params": _add_params,
+    "pretrain-base": _add_pretrain,
 }
 
 

@@ -163,6 +163,10 @@ def random_sam(config: Any, seed: int = 0) -> nn.Module:
         for name, param in model.named_parameters():
             if name.endswith(("pos_embed", "rel_pos_h", "rel_pos_w")):
                 nn.init.normal_(param, std=0.02)
+            elif name.endswith("shared_image_embedding.positional_embedding"):
+                # transformers draws these Fourier frequencies with std hidden_size / 2, which makes neighbouring
+                # pixels' codes unrelated; SAM uses 1 (the prompt encoder shares this tensor).
+                nn.init.normal_(param, std=1.0)
     finally:
         torch.random.set_rng_state(generator_state)
     return model.eval()
