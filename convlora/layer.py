@@ -205,6 +205,17 @@ class ConvLoraLinear(nn.Module, ConvLoraLayer):
         return "conv_lora." + super().__repr__()
 
 
+def _experts_spec(experts: ConvExpertMixture) -> dict[str, Any]:
+    return {
+        "r": experts.channels,
+        "scales": list(experts.scales),
+        "top_k": experts.top_k,
+        "expert_conv": "depthwise" if experts.groups > 1 else "full",
+        "interpolation": experts.interpolation,
+        "weighted_combine": experts.weighted_combine,
+    }
+
+
 class ConvLoraSideBranch(nn.Module):
     """The non-linear remainder of a merged Conv-LoRA adapter: ``up(experts(down(x)))``.
 
@@ -238,15 +249,7 @@ class ConvLoraSideBranch(nn.Module):
         cls, down: nn.Linear, experts: ConvExpertMixture, up: nn.Linear, scaling: float
     ) -> ConvLoraSideBranch:
         """A frozen copy of one adapter's conv path, with ``scaling`` folded into the up-projection."""
-        spec = {
-            "r": experts.channels,
-            "scales": list(experts.scales),
-            "top_k": experts.top_k,
-            "expert_conv": "depthwise" if experts.groups > 1 else "full",
-            "interpolation": experts.interpolation,
-            "weighted_combine": experts.weighted_combine,
-        }
-        branch = cls(down.in_features, up.out_features, spec)
+        branch = cls(down.in_features, up.out_features, _experts_spec(experts))
         weight = down.weight
         branch.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
@@ -257,15 +260,7 @@ class ConvLoraSideBranch(nn.Module):
 
     def spec(self) -> dict[str, Any]:
         """The settings needed to rebuild this branch before loading its weights."""
-        experts = self.experts
-        return {
-            "r": experts.channels,
-            "scales": list(experts.scales),
-            "top_k": experts.top_k,
-            "expert_conv": "depthwise" if experts.groups > 1 else "full",
-            "interpolation": experts.interpolation,
-            "weighted_combine": experts.weighted_combine,
-        }
+        return _experts_spec(self.experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The branch's contribution ``(b, h, w, out)`` for a grid ``x`` ``(b, h, w, in)``."""
