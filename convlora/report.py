@@ -39,14 +39,27 @@ def plot_curves(progress: dict[str, Any], path: str | Path) -> None:
         loss_ax.legend()
     loss_ax.set(xlabel="optimizer step", ylabel="loss", title="training loss")
     history = progress.get("history", [])
+    best = progress.get("best", {})
+    main = best.get("metric")
     if history:
         steps = [entry["step"] for entry in history]
-        names = [k for k in history[0] if k not in ("epoch", "step") and not k.startswith("iou_class")]
-        for name in names[:8]:
-            metric_ax.plot(steps, [entry[name] for entry in history], marker="o", label=name)
+        # the main metric, plus other metrics on the same scale (fractions, or percentages for BER)
+        main_is_fraction = all(abs(entry.get(main, 0.0)) <= 1.0 for entry in history)
+        names = [main] + [
+            k
+            for k in history[0]
+            if k not in ("epoch", "step", main)
+            and "/" not in k
+            and not k.startswith("ber_")
+            and all(abs(entry[k]) <= 1.0 for entry in history) == main_is_fraction
+        ][:5]
+        for name in names:
+            values = [entry.get(name, float("nan")) for entry in history]
+            metric_ax.plot(steps, values, marker="o", label=name, linewidth=2.5 if name == main else 1.0)
         metric_ax.legend(fontsize=7)
-    best = progress.get("best", {})
-    metric_ax.set(xlabel="optimizer step", title=f"validation (best {best.get('metric')}: {best.get('value')})")
+    value = best.get("value")
+    shown = f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+    metric_ax.set(xlabel="optimizer step", title=f"validation (best {main}: {shown})")
     _figure_to_png(figure, Path(path))
 
 

@@ -394,8 +394,15 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
             window_images += sum(len(b["pixel_values"]) for b in group) * world
             group = []
             step = progress["global_step"]
+            # logged losses are means over the steps since the last log (kept in progress, so resumes agree)
+            window = progress.setdefault("loss_window", {"loss": 0.0, "task": 0.0, "aux": 0.0, "steps": 0})
+            for key in ("loss", "task", "aux"):
+                window[key] += losses[key]
+            window["steps"] += 1
             if step % config.log_every_steps == 0 or step == total_steps:
-                progress["train_loss"].append({"step": step, **losses})
+                count = window.pop("steps")
+                progress["train_loss"].append({"step": step, **{k: v / count for k, v in window.items()}})
+                progress["loss_window"] = {"loss": 0.0, "task": 0.0, "aux": 0.0, "steps": 0}
             if is_main:
                 lr = scheduler.get_last_lr()[0]
                 if step % config.log_every_steps == 0:
