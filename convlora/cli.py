@@ -274,6 +274,19 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
+    from .bench.runner import DESCRIPTION, add_arguments
+
+    # main() hands every argument after `benchmark` to convlora.bench's own entry point; this parser
+    # describes the same arguments for `convlora --help` and the CLI reference
+    parser = subparsers.add_parser(
+        "benchmark",
+        help="quality and cost benchmarks of full, decoder-only, LoRA and Conv-LoRA fine-tuning (run, report)",
+        description=DESCRIPTION,
+    )
+    add_arguments(parser)
+
+
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "demo": _add_demo,
     "synth": _add_synth,
@@ -284,6 +297,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "inspect": _add_inspect,
     "params": _add_params,
     "pretrain-base": _add_pretrain,
+    "benchmark": _add_benchmark,
 }
 
 
@@ -301,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``convlora`` command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["benchmark"]:  # its own parser: `convlora benchmark run|report ...`
+        from .bench import main as benchmark_main
+
+        return benchmark_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):

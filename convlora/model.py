@@ -21,10 +21,10 @@ class ConvLoraModel(BaseTuner):
     """Creates a Conv-LoRA model from a pretrained model (use ``get_peft_model`` or ``apply_conv_lora``).
 
     Args:
-        model: the model to adapt.
-        peft_config: the adapter configuration(s).
-        adapter_name: name of the adapter.
-        low_cpu_mem_usage: accepted for PEFT compatibility; adapters are small and always materialised.
+        model (torch.nn.Module): the model to adapt.
+        peft_config (ConvLoraConfig | dict[str, ConvLoraConfig]): the adapter configuration(s).
+        adapter_name (str): name of the adapter.
+        low_cpu_mem_usage (bool): accepted for PEFT compatibility; adapters are small and always materialised.
 
     >>> import peft
     >>> from transformers import SamModel

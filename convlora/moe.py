@@ -103,6 +103,7 @@ class ConvExpertMixture(nn.Module):
 
     @property
     def num_experts(self) -> int:
+        """How many experts the mixture holds (one per scale)."""
         return len(self.scales)
 
     def reset_parameters(self, init_gate: str = "zeros") -> None:

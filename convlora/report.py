@@ -45,14 +45,15 @@ def plot_curves(progress: dict[str, Any], path: str | Path) -> None:
         steps = [entry["step"] for entry in history]
         # the main metric, plus other metrics on the same scale (fractions, or percentages for BER)
         main_is_fraction = all(abs(entry.get(main, 0.0)) <= 1.0 for entry in history)
-        names = [main] + [
+        others = [
             k
             for k in history[0]
             if k not in ("epoch", "step", main)
             and "/" not in k
             and not k.startswith("ber_")
             and all(abs(entry[k]) <= 1.0 for entry in history) == main_is_fraction
-        ][:5]
+        ]
+        names = [main, *others[:5]]
         for name in names:
             values = [entry.get(name, float("nan")) for entry in history]
             metric_ax.plot(steps, values, marker="o", label=name, linewidth=2.5 if name == main else 1.0)

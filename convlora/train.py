@@ -90,6 +90,7 @@ class TrainStep(nn.Module):
         self.loss_fn = loss_fn
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss to back-propagate (task + MoE auxiliary, ``"loss"``) and its two parts, detached."""
         logits = segmentation_logits(self.model, pixel_values)  # (b, k, s/4, s/4)
         logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
         task = self.loss_fn(logits, labels)

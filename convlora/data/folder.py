@@ -1094,9 +1094,14 @@ def _problem_message(report: DatasetReport, problems: list[Problem]) -> str:
     if any(p.fatal for p in problems):
         lines.append("Fix these first: they concern the whole dataset.")
     elif report.bad_samples():
-        lines.append(f"Fix them, or pass skip_bad=True to leave out the {len(report.bad_samples())} bad samples.")
+        lines.append(
+            f"Fix them, or pass skip_bad=True (`--skip_bad true` on the command line) to leave out the "
+            f"{len(report.bad_samples())} bad samples."
+        )
     else:
-        lines.append("Fix them, or pass skip_bad=True to ignore the stray files.")
+        lines.append(
+            "Fix them, or pass skip_bad=True (`--skip_bad true` on the command line) to ignore the stray files."
+        )
     return "\n".join(lines)
 
 

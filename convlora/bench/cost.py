@@ -1,0 +1,168 @@
+"""Cost runs: each measurement in a fresh process, results as absolute values and as ratios to LoRA.
+
+The reference point measures every method (trainable parameters, artifact bytes, step time, peak
+memory) and, in one more process, the inference latency of the base model and of LoRA / Conv-LoRA
+merged into it, side by side. Sweeps repeat the train-step measurement of a few methods over image
+sizes and batch sizes. Measurements are cached in the work folder by their full specification, so an
+interrupted run resumes; ``fresh=True`` measures everything again (timings from another day and load
+should not be mixed into one table).
+
+>>> ratios({"lora": {"x": 2.0}, "conv_lora": {"x": 3.0}}, ["x"])["conv_lora"]["x"]
+1.5
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .._io import write_json
+from .experiments import CostExperiment
+
+TRAIN_KEYS = ("trainable_parameters", "adapter_parameters", "artifact_bytes", "step_seconds", "peak_memory_bytes")
+# The model a method runs at inference time once merged: decoder-only and full fine-tuning change
+# weights only, so they run the base architecture.
+MERGED_MODEL = {"full": "base", "decoder": "base", "lora": "lora_merged", "conv_lora": "conv_lora_merged"}
+
+
+def run_isolated(spec: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Run ``convlora.bench.measure`` on ``spec`` in a fresh Python process with ``threads`` threads.
+
+    Raises:
+        RuntimeError: with the end of the child's error output when the measurement fails.
+    """
+    with tempfile.TemporaryDirectory(prefix="convlora-bench-") as tmp:
+        spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        write_json(spec_file, {**spec, "threads": threads})
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        done = subprocess.run(
+            [sys.executable, "-m", "convlora.bench.measure", str(spec_file), str(out_file)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0 or not out_file.is_file():
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+            raise RuntimeError(f"measurement {spec} failed (exit {done.returncode}):\n{tail}")
+        return json.loads(out_file.read_text())
+
+
+def cached(spec: dict[str, Any], threads: int, cache_dir: Path, fresh: bool) -> dict[str, Any]:
+    """A measurement from ``cache_dir`` when the same spec was measured before, else a new one (saved)."""
+    key = hashlib.sha256(json.dumps({**spec, "threads": threads}, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir / f"{spec['task']}-{spec.get('method', 'all')}-s{spec.get('image_size')}-{key}.json"
+    if path.is_file() and not fresh:
+        return json.loads(path.read_text())
+    result = run_isolated(spec, threads)
+    write_json(path, result)
+    return result
+
+
+def ratios(rows: dict[str, dict[str, Any]], keys: list[str] | tuple[str, ...], reference: str = "lora") -> dict:
+    """Each row's values divided by the ``reference`` row's, key by key (``None`` where undefined).
+
+    Args:
+        rows: ``{name: {key: value}}``.
+        keys: which values to divide.
+        reference: the row to divide by.
+    """
+    if reference not in rows:
+        return {}
+    base = rows[reference]
+    out: dict[str, dict[str, float | None]] = {}
+    for name, row in rows.items():
+        out[name] = {}
+        for key in keys:
+            value, ref = row.get(key), base.get(key)
+            out[name][key] = value / ref if value is not None and ref not in (None, 0) else None
+    return out
+
+
+def run_cost(
+    experiment: CostExperiment,
+    work_dir: Path,
+    *,
+    model: str | None = None,
+    device: str | None = None,
+    fresh: bool = False,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Measure a cost experiment.
+
+    Args:
+        experiment: the experiment.
+        work_dir: working folder; measurements are cached under ``work_dir/cost/<name>/``.
+        model: base SAM instead of the experiment's.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` instead of the experiment's.
+        fresh: ignore cached measurements.
+        log: where progress lines go.
+
+    Returns:
+        ``{"reference": {...}, "latency": {...}, "sweeps": {...}}`` with absolute values and ratios to LoRA.
+    """
+    cache_dir = work_dir / "cost" / experiment.name
+    common = {
+        "model": model or experiment.model,
+        "conv_lora": dict(experiment.conv_lora),
+        "device": device or experiment.device,
+        "precision": experiment.precision,
+        "warmup_steps": experiment.warmup_steps,
+        "timed_steps": experiment.timed_steps,
+    }
+
+    def train_point(method: str, image_size: int | None, batch_size: int) -> dict[str, Any]:
+        spec = {**common, "task": "train", "method": method, "image_size": image_size, "batch_size": batch_size}
+        result = cached(spec, experiment.threads, cache_dir, fresh)
+        log(
+            f"  {method} at {result['image_size']} px, batch {batch_size}: "
+            f"{result['step_seconds'] * 1000:.1f} ms/step, "
+            f"peak {_mib(result['peak_memory_bytes'])} MiB, {result['trainable_parameters']:,} trainable"
+        )
+        return result
+
+    log(f"{experiment.name}: reference point")
+    rows = {m: train_point(m, experiment.image_size, experiment.batch_size) for m in experiment.methods}
+    latency = None
+    if experiment.latency_runs > 0:
+        spec = {
+            **common,
+            "task": "latency",
+            "image_size": experiment.image_size,
+            "latency_batch_size": experiment.latency_batch_size,
+            "latency_runs": experiment.latency_runs,
+            "latency_warmup": experiment.latency_warmup,
+        }
+        latency = cached(spec, experiment.threads, cache_dir, fresh)
+        seconds = latency["seconds"]
+        latency["vs_base"] = {name: value / seconds["base"] for name, value in seconds.items()}
+        if "lora_merged" in seconds:
+            latency["vs_lora_merged"] = {name: value / seconds["lora_merged"] for name, value in seconds.items()}
+        log("  latency: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in seconds.items()))
+        for method, row in rows.items():
+            row["merged_latency_seconds"] = seconds[MERGED_MODEL[method]]
+    keys = [*TRAIN_KEYS, "merged_latency_seconds"] if latency else list(TRAIN_KEYS)
+    reference = {"image_size": experiment.image_size, "batch_size": experiment.batch_size, "methods": rows}
+    reference["ratios_to_lora"] = ratios(rows, keys)
+
+    sweeps: dict[str, Any] = {}
+    for axis, values in experiment.sweeps.items():
+        log(f"{experiment.name}: sweep over {axis}")
+        points = []
+        for value in values:
+            size = value if axis == "image_size" else experiment.image_size
+            batch = value if axis == "batch_size" else experiment.batch_size
+            point_rows = {m: train_point(m, size, batch) for m in experiment.sweep_methods}
+            point_ratios = ratios(point_rows, ("step_seconds", "peak_memory_bytes"))
+            points.append({axis: value, "methods": point_rows, "ratios_to_lora": point_ratios})
+        sweeps[axis] = points
+    return {"reference": reference, "latency": latency, "sweeps": sweeps}
+
+
+def _mib(value: int | None) -> str:
+    return "?" if value is None else f"{value / 2**20:.0f}"

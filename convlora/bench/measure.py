@@ -1,0 +1,273 @@
+"""One cost measurement, meant to run in a fresh process: ``python -m convlora.bench.measure SPEC OUT``.
+
+A fresh process per measurement makes the peak memory that of this configuration alone. On CPU the
+peak is the process's resident-set high-water mark (``VmHWM``) minus its resident set right after the
+imports, so it counts the model, gradients, optimiser state and activations, but not the Python and
+library baseline. On CUDA it is ``torch.cuda.max_memory_allocated`` after a reset.
+
+Two measurements:
+
+- ``train``: build the model for a method as the engine does (``build_task_model``), then time full
+  optimiser steps (forward, loss + MoE auxiliary loss, backward, gradient clipping, AdamW) on random
+  images and masks; report the median of the timed steps after the warm-up steps, the peak memory, the
+  trainable parameters and the size of the exported artifact.
+- ``latency``: the base model, LoRA and Conv-LoRA merged into it (``merge_and_unload``), and both
+  unmerged, timed side by side in eval mode under ``no_grad``, interleaved run by run so that changes in
+  machine load hit every model alike. Conv-LoRA's gate gets random weights (``init_lora_weights=False``):
+  a zero gate, as at initialisation, sends every window to the cheapest expert (scale 1), which would
+  understate the cost of a trained, load-balanced gate.
+
+>>> result = measure({"task": "train", "model": "random:tiny", "method": "lora", "image_size": 64,
+...                   "batch_size": 1, "warmup_steps": 0, "timed_steps": 1})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._io import write_json
+from ..sam import count_parameters, load_sam, random_sam, sam_config, tiny_sam_config
+from .environment import load_average, pick_device, pick_dtype, set_threads
+
+RANDOM_PREFIX = "random:"
+
+
+def build_base(model: str, image_size: int | None = None) -> nn.Module:
+    """The base SAM of a cost measurement.
+
+    Args:
+        model: ``"random:vit-b"`` (or ``vit-l``, ``vit-h``), ``"random:convlora-tiny"`` (the embedded base's
+            architecture), ``"random:tiny"`` (the test config), or anything ``convlora.load_sam`` accepts.
+        image_size: input size; the model's own when ``None``.
+
+    >>> build_base("random:tiny", 32).config.vision_config.image_size
+    32
+    """
+    if model.startswith(RANDOM_PREFIX):
+        variant = model[len(RANDOM_PREFIX) :]
+        if variant == "tiny":
+            return random_sam(tiny_sam_config(**({"image_size": image_size} if image_size else {})), seed=0)
+        if variant == "convlora-tiny":
+            from ..pretrain import BASE_ARCHITECTURE
+
+            arch = {**BASE_ARCHITECTURE, **({"image_size": image_size} if image_size else {})}
+            return random_sam(tiny_sam_config(**arch), seed=0)
+        return random_sam(sam_config(variant, image_size=image_size or 1024), seed=0)
+    return load_sam(model, image_size=image_size)
+
+
+def _rss_bytes(field: str) -> int | None:
+    """``VmRSS`` or ``VmHWM`` of this process from ``/proc/self/status``, in bytes (Linux only)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _peak_rss_bytes() -> int | None:
+    peak = _rss_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    try:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return usage if sys.platform == "darwin" else usage * 1024
+    except (ImportError, OSError):
+        return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def _inputs(batch: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch, 3, size, size, generator=generator)
+    labels = torch.randint(0, 2, (batch, size, size), generator=generator)
+    return pixels.to(device), labels.to(device)
+
+
+def _directory_bytes(directory: Path) -> int:
+    """Bytes of an exported artifact: weights and configs, not the human-readable model card."""
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and p.name != "README.md")
+
+
+def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time optimiser steps of one method and report step time, peak memory, parameters and artifact size.
+
+    Args:
+        spec: ``model``, ``method``, ``conv_lora`` (dict), ``image_size``, ``batch_size``, ``warmup_steps``,
+            ``timed_steps``, ``device``, ``precision``.
+    """
+    from ..config import ConvLoraConfig
+    from ..losses import build_loss
+    from ..methods import TaskInfo, build_task_model, export_trained
+    from ..train import TrainStep
+
+    device = pick_device(spec.get("device", "auto"))
+    dtype = pick_dtype(spec.get("precision", "auto"), device)
+    baseline = _rss_bytes("VmRSS")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    load_before = load_average()
+    torch.manual_seed(0)
+    base = build_base(spec["model"], spec.get("image_size"))
+    size = int(base.config.vision_config.image_size)
+    method = spec["method"]
+    task = TaskInfo("binary", 2, ["background", "foreground"], size, spec["model"], method)
+    adapter = ConvLoraConfig(**spec.get("conv_lora", {})) if method in ("conv_lora", "lora") else None
+    model = build_task_model(base, task, adapter, freeze_iou_head=True).to(device).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    step = TrainStep(model, build_loss(None, "binary"))
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-4)
+    pixels, labels = _inputs(int(spec["batch_size"]), size, device)
+
+    times = []
+    for index in range(int(spec["warmup_steps"]) + int(spec["timed_steps"])):
+        _sync(device)
+        start = time.perf_counter()
+        with _autocast(device, dtype):
+            loss = step(pixels, labels)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if index >= int(spec["warmup_steps"]):
+            times.append(time.perf_counter() - start)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss {float(loss)} while timing {method}")
+
+    if device.type == "cuda":
+        peak, memory_source = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    else:
+        hwm = _peak_rss_bytes()
+        peak = hwm - baseline if hwm is not None and baseline is not None else None
+        memory_source = "VmHWM - VmRSS after imports"
+    load_after = load_average()
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = export_trained(model.eval(), task, Path(tmp) / "artifact")
+        artifact_bytes = _directory_bytes(artifact)
+    return {
+        "task": "train",
+        "method": method,
+        "image_size": size,
+        "batch_size": int(spec["batch_size"]),
+        "trainable_parameters": count_parameters(model, trainable_only=True),
+        # the LoRA / Conv-LoRA tensors alone, without the mask decoder that both methods also train
+        "adapter_parameters": sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) if adapter else None,
+        "total_parameters": count_parameters(model),
+        "artifact_bytes": artifact_bytes,
+        "step_seconds": statistics.median(times),
+        "step_seconds_all": times,
+        "peak_memory_bytes": peak,
+        "memory_source": memory_source,
+        "device": device.type,
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "load_before": load_before,
+        "load_after": load_after,
+    }
+
+
+@torch.no_grad()
+def measure_latency(spec: dict[str, Any]) -> dict[str, Any]:
+    """Median forward time of the base model and of LoRA / Conv-LoRA, merged and unmerged, side by side.
+
+    Args:
+        spec: ``model``, ``conv_lora`` (dict), ``image_size``, ``latency_batch_size``, ``latency_runs``,
+            ``latency_warmup``, ``device``, ``precision``.
+    """
+    from ..config import ConvLoraConfig
+    from ..export import merged_extra_parameters
+    from ..methods import segmentation_logits
+    from ..sam import apply_conv_lora
+
+    device = pick_device(spec.get("device", "auto"))
+    dtype = pick_dtype(spec.get("precision", "auto"), device)
+    load_before = load_average()
+    torch.manual_seed(0)
+    base = build_base(spec["model"], spec.get("image_size"))
+    size = int(base.config.vision_config.image_size)
+    settings = {**spec.get("conv_lora", {}), "init_lora_weights": False}
+
+    def adapted(plain: bool) -> nn.Module:
+        return apply_conv_lora(copy.deepcopy(base), ConvLoraConfig(**settings), plain_lora=plain)
+
+    models: dict[str, nn.Module] = {"base": base}
+    models["lora_adapter"] = adapted(True)
+    models["conv_lora_adapter"] = adapted(False)
+    models["lora_merged"] = adapted(True).merge_and_unload()
+    models["conv_lora_merged"] = adapted(False).merge_and_unload()
+    extra = {name: merged_extra_parameters(m) for name, m in models.items() if name.endswith("_merged")}
+    for model in models.values():
+        model.to(device).eval()
+    pixels, _ = _inputs(int(spec["latency_batch_size"]), size, device)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for index in range(int(spec["latency_warmup"]) + int(spec["latency_runs"])):
+        for name, model in models.items():
+            _sync(device)
+            start = time.perf_counter()
+            with _autocast(device, dtype):
+                segmentation_logits(model, pixels)
+            _sync(device)
+            if index >= int(spec["latency_warmup"]):
+                times[name].append(time.perf_counter() - start)
+    return {
+        "task": "latency",
+        "image_size": size,
+        "batch_size": int(spec["latency_batch_size"]),
+        "seconds": {name: statistics.median(values) for name, values in times.items()},
+        "seconds_all": times,
+        "merged_extra_parameters": extra,
+        "base_parameters": count_parameters(base),
+        "device": device.type,
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "load_before": load_before,
+        "load_after": load_average(),
+    }
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run the measurement ``spec["task"]`` (``"train"`` or ``"latency"``) in this process."""
+    set_threads(int(spec.get("threads", 1)))
+    if spec.get("task") == "train":
+        return measure_training(spec)
+    if spec.get("task") == "latency":
+        return measure_latency(spec)
+    raise ValueError(f"measurement task must be 'train' or 'latency', got {spec.get('task')!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m convlora.bench.measure SPEC.json OUT.json``: measure and write the result."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m convlora.bench.measure SPEC.json OUT.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    write_json(argv[1], measure(spec))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The benchmark runner end to end with a tiny budget: JSON schema, finite metrics, ratios, report files."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from convlora.bench import experiment_from_dict, main
+from convlora.bench.cost import ratios
+from convlora.bench.quality import mean_std
+from convlora.sam import random_sam, tiny_sam_config
+
+pytestmark = pytest.mark.slow
+
+CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """One quality and one cost experiment of the runner on a stand-in tiny SAM, results in ``root/results``."""
+    root = tmp_path_factory.mktemp("bench")
+    random_sam(tiny_sam_config(), seed=0).save_pretrained(root / "sam")
+    quality = {
+        "name": "smoke_quality",
+        "kind": "quality",
+        "domains": ["polyp"],
+        "arms": [{"method": "lora"}, {"method": "conv_lora", "conv_lora": {"num_experts": 2}}],
+        "seeds": [0],
+        "max_steps": 2,
+        "model": str(root / "sam"),
+        "data": {"train": 8, "val": 2, "test": 3, "size": 64},
+        "train": {"batch_size": 4, "epochs": 1},
+    }
+    cost = {
+        "name": "smoke_cost",
+        "kind": "cost",
+        "model": str(root / "sam"),
+        "methods": ["lora", "conv_lora"],
+        "conv_lora": {"num_experts": 2},
+        "image_size": 64,
+        "batch_size": 2,
+        "warmup_steps": 1,
+        "timed_steps": 2,
+        "latency_runs": 2,
+        "latency_warmup": 1,
+        "sweeps": {"batch_size": [1]},
+    }
+    for name, config in (("quality", quality), ("cost", cost)):
+        (root / f"{name}.json").write_text(json.dumps(config))
+    args = ["run", str(root / "quality.json"), str(root / "cost.json")]
+    assert main([*args, "--results-dir", str(root / "results"), "--work-dir", str(root / "work")]) == 0
+    return root
+
+
+def test_results_record_machine_versions_commit_and_config(smoke):
+    for name in ("smoke_quality", "smoke_cost"):
+        result = json.loads((smoke / "results" / f"{name}.json").read_text())
+        assert result["schema"] == "convlora-benchmark/1" and result["name"] == name
+        env = result["environment"]
+        assert env["machine"]["cpu"] and env["machine"]["cores"] >= 1
+        assert {"python", "torch", "transformers", "peft", "convlora"} <= set(env["versions"])
+        assert "sha" in env["commit"] and env["threads"] >= 1
+        assert result["command"].startswith("convlora benchmark run")
+        assert result["config"]["name"] == name and len(result["load_before"]) == 3
+
+
+def test_quality_runs_hold_finite_test_metrics_and_a_summary_per_arm(smoke):
+    result = json.loads((smoke / "results" / "smoke_quality.json").read_text())
+    assert [(r["arm"], r["seed"], r["steps"]) for r in result["runs"]] == [("lora", 0, 2), ("conv_lora", 0, 2)]
+    for run in result["runs"]:
+        assert run["test_metrics"] and all(math.isfinite(v) for v in run["test_metrics"].values())
+        assert run["trainable_parameters"] > 0 and run["adapter_bytes"] > 0
+    row = result["summary"][0]
+    assert row["domain"] == "polyp" and row["metrics"] == ["s_measure"] and row["baseline"] == "lora"
+    assert math.isfinite(result["zero_shot"]["polyp"]["s_measure"])  # the base model, before fine-tuning
+    assert row["zero_shot"]["s_measure"] == result["zero_shot"]["polyp"]["s_measure"]
+    conv = row["arms"]["conv_lora"]
+    assert conv["metrics"]["s_measure"]["mean"] == result["runs"][1]["test_metrics"]["s_measure"]
+    assert conv["trainable_parameters"] > row["arms"]["lora"]["trainable_parameters"]  # the conv experts
+
+
+def test_cost_ratios_to_lora_are_the_absolute_values_divided(smoke):
+    result = json.loads((smoke / "results" / "smoke_cost.json").read_text())
+    rows = result["reference"]["methods"]
+    assert set(rows) == {"lora", "conv_lora"}
+    for method, row in rows.items():
+        assert row["step_seconds"] > 0 and row["peak_memory_bytes"] > 0 and row["artifact_bytes"] > 0
+        assert len(row["step_seconds_all"]) == 2
+        for key, ratio in result["reference"]["ratios_to_lora"][method].items():
+            assert ratio == pytest.approx(row[key] / rows["lora"][key])
+    assert result["reference"]["ratios_to_lora"]["lora"]["step_seconds"] == 1.0
+    latency = result["latency"]["seconds"]
+    assert set(latency) == {"base", "lora_adapter", "conv_lora_adapter", "lora_merged", "conv_lora_merged"}
+    assert rows["conv_lora"]["merged_latency_seconds"] == latency["conv_lora_merged"]
+    assert result["latency"]["merged_extra_parameters"]["lora_merged"] == 0
+    assert result["latency"]["merged_extra_parameters"]["conv_lora_merged"] > 0
+    point = result["sweeps"]["batch_size"][0]
+    assert point["batch_size"] == 1 and point["methods"]["conv_lora"]["batch_size"] == 1
+
+
+def test_report_writes_tables_and_plots_from_the_json_alone(smoke):
+    results = smoke / "results"
+    for name in ("smoke_quality.md", "smoke_quality.png", "smoke_cost.md", "smoke_cost.png", "smoke_cost_scaling.png"):
+        assert (results / name).stat().st_size > 0, name
+    (results / "smoke_cost.md").unlink()
+    assert main(["report", "--results-dir", str(results)]) == 0
+    table = (results / "smoke_cost.md").read_text()
+    conv = json.loads((results / "smoke_cost.json").read_text())["reference"]["ratios_to_lora"]["conv_lora"]
+    assert f"| conv_lora | {conv['trainable_parameters']:.2f}× |" in table
+    index = (results / "README.md").read_text()
+    assert "## smoke_quality" in index and "## smoke_cost" in index
+
+
+def test_rerunning_reuses_finished_quality_runs(smoke):
+    from convlora.cli import main as cli_main
+
+    # through the `convlora benchmark` command this time
+    args = ["benchmark", "run", str(smoke / "quality.json"), "--results-dir", str(smoke / "again")]
+    assert cli_main([*args, "--work-dir", str(smoke / "work"), "--no-report"]) == 0
+    result = json.loads((smoke / "again" / "smoke_quality.json").read_text())
+    assert all(run["reused"] for run in result["runs"])
+
+
+def test_mean_std_and_ratios_by_hand():
+    assert mean_std([0.5, 0.7]) == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1414213562), "n": 2}
+    assert mean_std([float("nan")])["n"] == 0
+    table = ratios({"lora": {"a": 4.0, "b": 0}, "full": {"a": 10.0, "b": 3}}, ["a", "b"])
+    assert table["full"] == {"a": 2.5, "b": None}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"arms": [{"method": "adapter"}]}, "arm method"),
+        ({"domains": ["moon"]}, "unknown domains"),
+        ({"seeds": []}, "seeds"),
+        ({"steps": 3}, "unknown keys"),
+        ({"arms": [{"method": "full", "conv_lora": {"r": 2}}]}, "do not apply"),
+        ({"baseline": "conv_lora"}, "baseline"),
+    ],
+)
+def test_bad_quality_configs_are_refused_with_the_field_named(change, message):
+    config = {"name": "q", "kind": "quality", "domains": ["polyp"], "arms": [{"method": "lora"}], **change}
+    with pytest.raises(ValueError, match=message):
+        experiment_from_dict(config)
+
+
+def test_the_command_names_a_missing_config(tmp_path, capsys):
+    from convlora.cli import main as cli_main
+
+    assert cli_main(["benchmark", "run", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json does not exist" in capsys.readouterr().err
+
+
+def test_committed_experiment_configs_are_valid():
+    from convlora.bench import load_experiment
+
+    names = sorted(p.name for p in CONFIGS.glob("*.json"))
+    assert "quality.json" in names and "cost_tiny.json" in names
+    for path in CONFIGS.glob("*.json"):
+        assert load_experiment(path).name == path.stem
+
+
+def test_summary_block_of_a_readme_is_replaced_and_a_readme_without_markers_named(smoke, tmp_path):
+    from convlora.bench.report import SUMMARY_END, SUMMARY_START
+
+    results = smoke / "results"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{SUMMARY_START}\nstale numbers\n{SUMMARY_END}\n\nafter\n")
+    assert main(["report", "--results-dir", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    summary = (results / "summary.md").read_text()
+    assert "stale numbers" not in text and f"{SUMMARY_START}\n{summary}{SUMMARY_END}" in text
+    assert text.startswith("# title\n") and text.endswith("\nafter\n")
+    conv = json.loads((results / "smoke_cost.json").read_text())["reference"]["ratios_to_lora"]["conv_lora"]
+    assert f"| {conv['step_seconds']:.2f}× |" in summary
+    readme.write_text("no markers here\n")
+    assert main(["report", "--results-dir", str(results), "--readme", str(readme)]) == 2
+    assert readme.read_text() == "no markers here\n"
+
+
+def test_project_readme_shows_the_summary_of_the_committed_results():
+    from convlora.bench.report import SUMMARY_END, SUMMARY_START, load_results, summary_markdown
+
+    results = load_results(CONFIGS.parent / "results")
+    if not results:
+        pytest.skip("no benchmark results are committed yet")
+    summary = summary_markdown(results)
+    readme = (CONFIGS.parents[1] / "README.md").read_text()
+    assert f"{SUMMARY_START}\n{summary}{SUMMARY_END}" in readme, "run `convlora benchmark report --readme README.md`"
