@@ -148,6 +148,11 @@ def _load_range(entries: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------------------------- quality
 
 
+def _heading(result: dict[str, Any]) -> list[str]:
+    lines = [f"## {result['name']}", ""]
+    return lines + ([result["description"], ""] if result.get("description") else [])
+
+
 def quality_markdown(result: dict[str, Any]) -> str:
     """Tables of a quality result: main metric per domain and arm, every reported metric, run facts."""
     summary = result["summary"]
@@ -155,9 +160,7 @@ def quality_markdown(result: dict[str, Any]) -> str:
     config = result["config"]
     seeds = result.get("overrides", {}).get("seeds") or config["seeds"]
     steps = result.get("overrides", {}).get("max_steps") or config["max_steps"]
-    lines = [f"## {result['name']}", ""]
-    if result.get("description"):
-        lines += [result["description"], ""]
+    lines = _heading(result)
     lines += [
         f"Test-split metrics, mean ± sample std over seeds {seeds}; {steps} optimiser steps per run; the best "
         "checkpoint on the validation split is scored. Δ is the difference of means to the baseline arm with its "
@@ -300,9 +303,7 @@ def cost_markdown(result: dict[str, Any]) -> str:
     rows = reference["methods"]
     any_row = next(iter(rows.values()))
     model = result.get("overrides", {}).get("model") or config["model"]
-    lines = [f"## {result['name']}", ""]
-    if result.get("description"):
-        lines += [result["description"], ""]
+    lines = _heading(result)
     lines += [
         f"Model `{model}` at {any_row['image_size']}×{any_row['image_size']}, batch {reference['batch_size']}, "
         f"{any_row['device']} {any_row['dtype']}, {any_row['threads']} thread(s). Step time: median of "
