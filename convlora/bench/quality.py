@@ -90,18 +90,25 @@ def _artifact_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and p.name != "README.md")
 
 
+def _earlier_record(result_file: Path, fields: dict[str, Any]) -> dict[str, Any] | None:
+    """The record in ``result_file`` if it exists and was made with exactly ``fields``, else ``None``."""
+    if not result_file.is_file():
+        return None
+    try:
+        record = json.loads(result_file.read_text())
+    except json.JSONDecodeError:
+        return None
+    return record if record.get("fields") == fields else None
+
+
 def run_one(fields: dict[str, Any], run_dir: Path, domain: str, arm: Arm) -> dict[str, Any]:
     """Train one run (unless its ``result.json`` already holds it) and return its record."""
     from .. import load_config, train
 
     result_file = run_dir / "result.json"
-    if result_file.is_file():
-        try:
-            record = json.loads(result_file.read_text())
-            if record.get("fields") == fields:
-                return {**record, "arm": arm.name, "reused": True}
-        except json.JSONDecodeError:
-            pass
+    earlier = _earlier_record(result_file, fields)
+    if earlier is not None:
+        return {**earlier, "arm": arm.name, "reused": True}
     train_dir = run_dir / "train"
     if train_dir.exists():  # a run that was interrupted: start it again from scratch
         shutil.rmtree(train_dir)
@@ -148,13 +155,9 @@ def zero_shot(fields: dict[str, Any], domain_dir: Path, domain: str) -> dict[str
     fields.pop("conv_lora", None)
     run_dir = domain_dir / f"zero_shot-{run_key(fields, domain)}"
     result_file = run_dir / "result.json"
-    if result_file.is_file():
-        try:
-            record = json.loads(result_file.read_text())
-            if record.get("fields") == fields:
-                return {**record, "reused": True}
-        except json.JSONDecodeError:
-            pass
+    earlier = _earlier_record(result_file, fields)
+    if earlier is not None:
+        return {**earlier, "reused": True}
     started = time.time()
     torch.manual_seed(0)
     metrics = zero_shot_metrics(load_config(**fields, output_dir=str(run_dir / "unused")))
