@@ -153,13 +153,23 @@ def _heading(result: dict[str, Any]) -> list[str]:
     return lines + ([result["description"], ""] if result.get("description") else [])
 
 
+def _footer(result: dict[str, Any]) -> list[str]:
+    """Machine, command and plot of a result, the end of its section."""
+    command = result.get("command") or "unknown"
+    return ["", environment_line(result), "", f"Command: `{command}`", "", f"![{result['name']}]({result['name']}.png)"]
+
+
+def _setting(result: dict[str, Any], key: str) -> Any:
+    """A setting of the run: the command-line override if one was given, else the config's value."""
+    return result.get("overrides", {}).get(key) or result["config"][key]
+
+
 def quality_markdown(result: dict[str, Any]) -> str:
     """Tables of a quality result: main metric per domain and arm, every reported metric, run facts."""
     summary = result["summary"]
     arms = [a["name"] for a in result["config"]["arms"]]
-    config = result["config"]
-    seeds = result.get("overrides", {}).get("seeds") or config["seeds"]
-    steps = result.get("overrides", {}).get("max_steps") or config["max_steps"]
+    seeds = _setting(result, "seeds")
+    steps = _setting(result, "max_steps")
     lines = _heading(result)
     lines += [
         f"Test-split metrics, mean ± sample std over seeds {seeds}; {steps} optimiser steps per run; the best "
@@ -179,12 +189,7 @@ def quality_markdown(result: dict[str, Any]) -> str:
         f"{len(runs)} runs, {sum(1 for r in runs if r.get('reused'))} reused from earlier runs of the same settings; "
         f"mean run time {sum(r['wall_seconds'] for r in runs) / max(1, len(runs)):.0f} s; "
         f"load (1 min) during runs {_load_range(runs)}.",
-        "",
-        environment_line(result),
-        "",
-        f"Command: `{result.get('command') or 'unknown'}`",
-        "",
-        f"![{result['name']}]({result['name']}.png)",
+        *_footer(result),
     ]
     return "\n".join(lines) + "\n"
 
@@ -302,7 +307,7 @@ def cost_markdown(result: dict[str, Any]) -> str:
     reference = result["reference"]
     rows = reference["methods"]
     any_row = next(iter(rows.values()))
-    model = result.get("overrides", {}).get("model") or config["model"]
+    model = _setting(result, "model")
     lines = _heading(result)
     lines += [
         f"Model `{model}` at {any_row['image_size']}×{any_row['image_size']}, batch {reference['batch_size']}, "
@@ -368,12 +373,7 @@ def cost_markdown(result: dict[str, Any]) -> str:
         "",
         f"Load (1 min) around the measurements: {_load_range(entries)} on {result['environment']['machine']['cores']} "
         "cores; timings on a shared machine are noisy, compare ratios within one table rather than across tables.",
-        "",
-        environment_line(result),
-        "",
-        f"Command: `{result.get('command') or 'unknown'}`",
-        "",
-        f"![{result['name']}]({result['name']}.png)",
+        *_footer(result),
     ]
     if result.get("sweeps"):
         lines += ["", f"![{result['name']} scaling]({result['name']}_scaling.png)"]
@@ -462,11 +462,11 @@ def _quality_summary(result: dict[str, Any]) -> list[str]:
     config = result["config"]
     arms = [a["name"] for a in config["arms"]]
     baseline = result["summary"][0]["baseline"]
-    seeds = result.get("overrides", {}).get("seeds") or config["seeds"]
-    steps = result.get("overrides", {}).get("max_steps") or config["max_steps"]
+    seeds = _setting(result, "seeds")
+    steps = _setting(result, "max_steps")
     lines = [
         f"**Quality** (`{result['name']}`): test split, mean ± std over {len(seeds)} seeds, {steps} optimiser steps "
-        f"per run, base `{result.get('overrides', {}).get('model') or config['model']}`. The last column says whether "
+        f"per run, base `{_setting(result, 'model')}`. The last column says whether "
         f"Conv-LoRA differs from {baseline} by more than two standard errors.",
         "",
     ]
@@ -506,7 +506,7 @@ def _cost_summary(results: list[dict[str, Any]]) -> list[str]:
         if "conv_lora" not in rows or "lora" not in rows:
             continue
         conv, ratio = rows["conv_lora"], result["reference"]["ratios_to_lora"]["conv_lora"]
-        model = result.get("overrides", {}).get("model") or result["config"]["model"]
+        model = _setting(result, "model")
         latency = (result.get("latency") or {}).get("vs_lora_merged", {}).get("conv_lora_merged")
         lines.append(
             f"| {result['name']} | `{model}`, {conv['image_size']} px, {result['reference']['batch_size']} | "
