@@ -5,26 +5,32 @@
 >>> model = apply_conv_lora(SamModel(tiny_sam_config()), ConvLoraConfig(r=2, num_experts=2))
 """
 
-from .config import ConvLoraConfig
-from .export import load_merged, merged_extra_parameters, save_adapter, save_merged
 from .inference import Segmenter, evaluate, merge_model, predict_folder
-from .layer import ConvLoraLinear, ConvLoraMergedLinear
-from .methods import TaskInfo, load_trained
-from .model import ConvLoraModel
-from .moe import ConvExpertMixture, moe_aux_loss
-from .sam import (
+from .models import (
     SAM_VARIANTS,
-    TARGET_PRESETS,
     apply_conv_lora,
+    apply_lora,
     count_parameters,
+    install_class_decoder,
+    load_merged,
     load_sam,
+    merged_extra_parameters,
     resize_sam,
     sam_config,
+    save_adapter,
+    save_merged,
     tiny_sam_config,
 )
-from .semantic import install_class_decoder
-from .train import TrainResult, train
-from .train_config import TrainConfig, load_config
+from .training import TaskInfo, TrainConfig, TrainResult, load_config, load_trained, train
+from .tuner import (
+    TARGET_PRESETS,
+    ConvExpertMixture,
+    ConvLoraConfig,
+    ConvLoraLinear,
+    ConvLoraMergedLinear,
+    ConvLoraModel,
+    moe_aux_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -42,6 +48,7 @@ __all__ = [
     "TrainResult",
     "__version__",
     "apply_conv_lora",
+    "apply_lora",
     "count_parameters",
     "evaluate",
     "install_class_decoder",

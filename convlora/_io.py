@@ -43,17 +43,15 @@ def _reraise(path: Path, error: BaseException) -> None:
     raise error
 
 
-_IMPORT_UMASK = os.umask(0o022)
-os.umask(_IMPORT_UMASK)
-
-
 def _umask() -> int:
     """The process umask, read without changing it (``os.umask`` would, racing other threads)."""
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
-    return _IMPORT_UMASK
+    current = os.umask(0o022)  # no /proc (not Linux): read it by setting and restoring it
+    os.umask(current)
+    return current
 
 
 def _settle(folder: Path) -> None:

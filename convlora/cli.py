@@ -26,8 +26,8 @@ def _add_params(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_params(args: argparse.Namespace) -> int:
-    from .config import ConvLoraConfig
-    from .sam import parameter_counts
+    from .models import parameter_counts
+    from .tuner.config import ConvLoraConfig
 
     overrides = {"r": args.r, "num_experts": args.num_experts, "expert_conv": args.expert_conv}
     config = ConvLoraConfig(**{k: v for k, v in overrides.items() if v is not None})
@@ -51,7 +51,7 @@ def _run_params(args: argparse.Namespace) -> int:
 
 
 def _add_train(subparsers: argparse._SubParsersAction) -> None:
-    from .train_config import TrainConfig
+    from .training.config import TrainConfig
 
     fields = "\n".join(f"  {f}" for f in TrainConfig.__dataclass_fields__)
     parser = subparsers.add_parser(
@@ -69,8 +69,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train import train
-    from .train_config import load_config
+    from .training.config import load_config
+    from .training.engine import train
 
     config = load_config(args.config, args.overrides)
     try:
@@ -254,26 +254,6 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_pretrain(subparsers: argparse._SubParsersAction) -> None:
-    from .pretrain import build_parser as pretrain_parser
-
-    template = pretrain_parser()
-    parser = subparsers.add_parser(
-        "pretrain-base",
-        help="pretrain the small embedded SAM (convlora-tiny) on the generated generic-objects corpus",
-        description=template.description,
-        parents=[template],
-        add_help=False,
-    )
-    parser.set_defaults(handler=_run_pretrain)
-
-
-def _run_pretrain(args: argparse.Namespace) -> int:
-    from .pretrain import run
-
-    return run(args)
-
-
 def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     from .bench.runner import DESCRIPTION, add_arguments
 
@@ -296,7 +276,6 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "merge": _add_merge,
     "inspect": _add_inspect,
     "params": _add_params,
-    "pretrain-base": _add_pretrain,
     "benchmark": _add_benchmark,
 }
 
@@ -329,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 2
-    from .train import TrainingError
+    from .training.engine import TrainingError
 
     try:
         return handler(args)

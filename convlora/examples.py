@@ -53,8 +53,8 @@ def run_example(domain: str, argv: Sequence[str] | None = None, description: str
     >>> results = run_example("polyp", ["--quick"])  # doctest: +SKIP
     """
     from .synthetic import write_dataset
-    from .train import train
-    from .train_config import load_config
+    from .training.config import load_config
+    from .training.engine import train
 
     args = build_parser(domain, description).parse_args(argv)
     spec = recipe(domain)
@@ -112,9 +112,10 @@ def zero_shot_metrics(config: Any) -> dict[str, float]:
     decoder, whose classes all start alike, so the number shows what an untrained head gives.
     """
     from .data import build_datasets
-    from .methods import TaskInfo, build_task_model
-    from .sam import load_sam
-    from .train import evaluate_split
+    from .models import load_sam
+    from .training.artifact import TaskInfo
+    from .training.evaluate import evaluate_split
+    from .training.methods import build_task_model
 
     data = build_datasets(config)
     base = load_sam(config.model, image_size=config.image_size)

@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from ._io import atomic_dir, write_json
-from .methods import TaskInfo, load_trained, segmentation_logits
-from .processing import overlay, postprocess_masks, preprocess, save_mask_png
-from .report import logits_to_mask
+from .models import segmentation_logits
+from .models.processing import overlay, postprocess_masks, preprocess, save_mask_png
+from .training.artifact import TaskInfo, load_trained
+from .training.methods import METHODS
+from .training.report import logits_to_mask
 
 
 @dataclass
@@ -83,7 +85,7 @@ def evaluate(
         batch_size: images per forward pass.
     """
     from .data import SegmentationDataset, check_dataset
-    from .train import evaluate_split
+    from .training.evaluate import evaluate_split
 
     segmenter = Segmenter.from_pretrained(model_path, base_model=base_model)
     task = segmenter.task
@@ -151,11 +153,11 @@ def merge_model(model_path: str | Path, output_dir: str | Path, *, base_model: s
         output_dir: where the merged model goes (replaced atomically).
         base_model: see :meth:`Segmenter.from_pretrained`.
     """
-    from .export import merged_extra_parameters, write_merged
-    from .methods import load_trained, write_task_file
+    from .models.merged_io import merged_extra_parameters, write_merged
+    from .training.artifact import load_trained, write_task_file
 
     model, task = load_trained(model_path, base_model=base_model)
-    if task.method not in ("conv_lora", "lora"):
+    if not METHODS[task.method].uses_adapter:
         raise ValueError(f"{model_path} was trained with method {task.method!r}; only adapters can be merged")
     merged = model.merge_and_unload().eval()
     extra = merged_extra_parameters(merged)

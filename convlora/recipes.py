@@ -20,7 +20,7 @@ class Recipe:
         domain: a key of ``convlora.synthetic.DOMAINS``.
         dataset: the real dataset the domain stands for.
         metric: validation metric that picks the best checkpoint.
-        loss: loss name (``convlora.losses``).
+        loss: loss name (``convlora.training.losses``).
         real: ``TrainConfig`` fields for the real dataset with a real SAM checkpoint.
         synthetic: ``TrainConfig`` fields for the synthetic data with the embedded base.
         synthetic_sizes: images per split of the generated data.

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from convlora.sam import random_sam, tiny_sam_config
+from convlora.models import random_sam, tiny_sam_config
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import pytest
 from convlora.bench import experiment_from_dict, main
 from convlora.bench.cost import ratios
 from convlora.bench.quality import mean_std
-from convlora.sam import random_sam, tiny_sam_config
+from convlora.models import random_sam, tiny_sam_config
 
 pytestmark = pytest.mark.slow
 

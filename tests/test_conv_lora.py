@@ -18,8 +18,8 @@ from convlora import (
     moe_aux_loss,
     save_merged,
 )
-from convlora.layer import ConvLoraLinear
-from convlora.moe import ConvExpertMixture
+from convlora.tuner.layer import ConvLoraLinear
+from convlora.tuner.moe import ConvExpertMixture
 
 CASES = {
     "reference": {},
@@ -303,7 +303,7 @@ def test_layers_out_of_range_are_refused(make_sam):
 def test_sam_hq_models_are_supported(images):
     from transformers import SamHQConfig
 
-    from convlora.sam import random_sam, tiny_sam_config
+    from convlora.models import random_sam, tiny_sam_config
 
     config_dict = tiny_sam_config().to_dict()
     config_dict["vision_config"]["num_hidden_layers"] = 2

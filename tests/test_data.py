@@ -29,7 +29,7 @@ from convlora.data import (
     sample_generator,
     split_samples,
 )
-from convlora.processing import preprocess, preprocess_mask
+from convlora.models.processing import preprocess, preprocess_mask
 
 
 def save(path: Path, array: np.ndarray, **kwargs) -> Path:

@@ -36,8 +36,8 @@ DOCS = ROOT / "docs"
 NO_TEST = "<!-- no-test -->"
 FENCE = re.compile(r"^(?P<indent>[ ]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ ]*$", re.S | re.M)
 CONFIG_CLASSES = (
-    "convlora.config.ConvLoraConfig",
-    "convlora.train_config.TrainConfig",
+    "convlora.tuner.config.ConvLoraConfig",
+    "convlora.training.config.TrainConfig",
     "convlora.data.transforms.AugmentConfig",
 )
 
@@ -78,7 +78,7 @@ def python_pages() -> list[Path]:
 
 
 def embedded_model_available() -> bool:
-    from convlora.assets import embedded_path
+    from convlora.models.embedded import embedded_path
 
     try:
         embedded_path("convlora-tiny")
@@ -148,9 +148,9 @@ def convlora_arguments(tokens: list[str]) -> tuple[str, list[str]] | None:
 
 
 def check_training_overrides(where: str, extra: list[str]) -> None:
-    from convlora.config import ConvLoraConfig
     from convlora.data import AugmentConfig
-    from convlora.train_config import TrainConfig
+    from convlora.training.config import TrainConfig
+    from convlora.tuner.config import ConvLoraConfig
 
     nested = {"conv_lora": ConvLoraConfig, "augment": AugmentConfig}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -200,7 +200,7 @@ def test_every_command_line_in_the_docs_parses():
 
 def test_every_toml_config_in_the_docs_is_a_valid_training_config(tmp_path):
     pytest.importorskip("tomllib", reason="TOML configs need Python 3.11 or newer (tomllib)")
-    from convlora.train_config import load_config
+    from convlora.training.config import load_config
 
     found = [b for p in pages() for b in blocks(p) if b.lang == "toml"]
     assert found
@@ -225,7 +225,7 @@ def subcommands(parser: argparse.ArgumentParser, prefix: str = "convlora"):
 
 def test_cli_reference_names_every_subcommand_and_option():
     from convlora.cli import build_parser
-    from convlora.train_config import TrainConfig
+    from convlora.training.config import TrainConfig
 
     markdown = load_hooks().cli_markdown()
     found = list(subcommands(build_parser()))
@@ -337,7 +337,7 @@ def test_benchmark_page_renders_every_committed_result():
 
 
 def test_embedded_model_record_is_rendered_with_its_machine(monkeypatch):
-    import convlora.assets
+    import convlora.models.embedded
 
     record = {
         "parameters": 1234567,
@@ -351,7 +351,7 @@ def test_embedded_model_record_is_rendered_with_its_machine(monkeypatch):
         "command": "python -m convlora.pretrain --out x",
         "held_out": {"images": 64, "foreground_iou": 0.75},
     }  # fmt: skip
-    monkeypatch.setattr(convlora.assets, "embedded_info", lambda name: record)
+    monkeypatch.setattr(convlora.models.embedded, "embedded_info", lambda name: record)
     markdown = load_hooks().embedded_model_markdown()
     assert "1,234,567" in markdown and "Test CPU 9000" in markdown and "foreground_iou 0.750" in markdown
 

@@ -29,7 +29,7 @@ def test_a_fresh_process_reproduces_the_outputs_bit_for_bit(make_sam, images, tm
         from safetensors.torch import load_file
         from peft import PeftModel
         import convlora
-        from convlora.sam import random_sam, tiny_sam_config
+        from convlora.models import random_sam, tiny_sam_config
 
         ref = load_file("reference.safetensors")
         model = PeftModel.from_pretrained(random_sam(tiny_sam_config(), seed=0), "adapter").eval()

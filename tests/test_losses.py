@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convlora.losses import (
+from convlora.training.losses import (
     BINARY_LOSSES,
     MULTICLASS_LOSSES,
     BalancedBCELoss,

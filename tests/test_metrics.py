@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from convlora.metrics import (
+from convlora.training.metrics import (
     HIGHER_IS_BETTER,
     MAIN_METRICS,
     BinaryMetrics,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from convlora import ConvLoraConfig, apply_conv_lora
-from convlora.moe import ConvExpertMixture, cv_squared, moe_aux_loss
+from convlora.tuner.moe import ConvExpertMixture, cv_squared, moe_aux_loss
 
 
 def random_mixture(**kwargs) -> ConvExpertMixture:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from convlora.processing import (
+from convlora.models.processing import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PALETTE,

@@ -33,24 +33,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import convlora
-import convlora.checkpoint
-import convlora.losses
+import convlora.training.checkpoint
+import convlora.training.losses
 from convlora import Segmenter, load_sam, load_trained
 from convlora._io import WriteError, sha256_file
-from convlora.adapter_check import check_adapter_matches
-from convlora.checkpoint import list_checkpoints
 from convlora.cli import main
-from convlora.config import ConvLoraConfig
 from convlora.data import DatasetError, SegmentationDataset, load_datasets
 from convlora.inference import merge_model
-from convlora.methods import TASK_FILE, TaskInfo, build_task_model, export_trained
-from convlora.sam import random_sam, tiny_sam_config
+from convlora.models import random_sam, tiny_sam_config
+from convlora.models.adapter_check import check_adapter_matches
 from convlora.synthetic import write_dataset
-from convlora.train import TrainingError, train
-from convlora.train_config import load_config
+from convlora.training.artifact import TASK_FILE, TaskInfo, export_trained
+from convlora.training.checkpoint import list_checkpoints
+from convlora.training.config import load_config
+from convlora.training.engine import TrainingError, train
+from convlora.training.methods import build_task_model
+from convlora.tuner.config import ConvLoraConfig
 
 PACKAGE = Path(convlora.__file__).parent
-ENGINE = importlib.import_module("convlora.train")  # the module; ``convlora.train`` is the function
+ENGINE = importlib.import_module("convlora.training.engine")  # the module; ``convlora.train`` is the function
 TMP_NAME = re.compile(r"^\..+\.tmp$")  # the temporary names of convlora._io
 
 
@@ -203,14 +204,14 @@ def test_a_failed_checkpoint_save_stops_the_run_keeps_earlier_checkpoints_and_re
     """ENOSPC mid-file (safetensors reports it as SafetensorError) or EACCES creating the folder, at step 3."""
     out = workspace / f"failed-{failure.replace(' ', '-')}"
     if failure == "disk full":
-        real = convlora.checkpoint.save_file
+        real = convlora.training.checkpoint.save_file
 
         def save_file(tensors, filename, metadata=None):
             real(tensors, filename, metadata=metadata)  # a half-written checkpoint is left in the temporary folder
             if ".step-00000003." in str(filename):
                 raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-        monkeypatch.setattr(convlora.checkpoint, "save_file", save_file)
+        monkeypatch.setattr(convlora.training.checkpoint, "save_file", save_file)
         expected = "No space left on device"
     else:
         real_mkdtemp = tempfile.mkdtemp
@@ -290,7 +291,7 @@ def test_a_failed_adapter_save_leaves_the_previous_adapter_intact(workspace, tmp
 
 
 def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(workspace, monkeypatch):
-    real_build = convlora.losses.build_loss
+    real_build = convlora.training.losses.build_loss
 
     def build_loss(name, mode):
         loss_fn, calls = real_build(name, mode), []
@@ -302,7 +303,7 @@ def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_check
 
         return nan_at_step_three
 
-    monkeypatch.setattr(convlora.losses, "build_loss", build_loss)
+    monkeypatch.setattr(convlora.training.losses, "build_loss", build_loss)
     out = workspace / "nan-loss"
     with pytest.raises(TrainingError) as caught:
         train(load_config(overrides=run_args(workspace, out)), show_progress=False)

@@ -6,7 +6,7 @@ from transformers import SamModel
 
 from convlora import ConvLoraConfig, load_sam, resize_sam
 from convlora.cli import main
-from convlora.sam import parameter_counts, tiny_sam_config
+from convlora.models import parameter_counts, tiny_sam_config
 
 
 def test_vit_b_counts_match_the_released_model_and_the_adapter_arithmetic():

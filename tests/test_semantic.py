@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from convlora import ConvLoraConfig, apply_conv_lora, load_merged, save_merged
-from convlora.semantic import ClassQueryMaskDecoder, install_class_decoder
+from convlora.models.semantic import ClassQueryMaskDecoder, install_class_decoder
 
 
 def test_class_queries_reproduce_sams_own_mask_outputs(make_sam, images):

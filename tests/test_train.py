@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from convlora import Segmenter
 from convlora.cli import main
 from convlora.inference import evaluate
-from convlora.methods import TaskInfo
-from convlora.sam import random_sam, tiny_sam_config
+from convlora.models import random_sam, tiny_sam_config
 from convlora.synthetic import write_dataset
-from convlora.train import epoch_order, train
-from convlora.train_config import load_config
+from convlora.training.artifact import TaskInfo
+from convlora.training.config import load_config
+from convlora.training.engine import epoch_order, train
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def test_evaluate_matches_a_direct_computation_and_merge_keeps_predictions(works
     scores = evaluate(run / "adapter", workspace / "polyp")
     # direct computation: the segmenter's masks at original size against the test masks
     from convlora.data import read_image, read_mask
-    from convlora.metrics import BinaryMetrics
+    from convlora.training.metrics import BinaryMetrics
 
     segmenter = Segmenter.from_pretrained(run / "adapter")
     direct = BinaryMetrics()

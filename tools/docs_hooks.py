@@ -114,7 +114,7 @@ def cli_markdown() -> str:
 
 def _command_section(title: str, text: str, sub: argparse.ArgumentParser, level: int) -> list[str]:
     """One subcommand: summary, description, usage, a table of its arguments; nested subcommands below."""
-    from convlora.train_config import TrainConfig
+    from convlora.training.config import TrainConfig
 
     out = ["", f"{'#' * level} `{title}`", ""]
     if text:
@@ -254,8 +254,8 @@ def config_markdown(path: str) -> str:
 
 @functools.cache
 def _counts(variant: str, plain: bool, r: int | None = None) -> dict[str, Any]:
-    from convlora.config import ConvLoraConfig
-    from convlora.sam import parameter_counts
+    from convlora.models import parameter_counts
+    from convlora.tuner.config import ConvLoraConfig
 
     config = ConvLoraConfig() if r is None else ConvLoraConfig(r=r)
     return parameter_counts(variant, config, plain_lora=plain)
@@ -263,7 +263,7 @@ def _counts(variant: str, plain: bool, r: int | None = None) -> dict[str, Any]:
 
 def parameter_counts_markdown() -> str:
     """LoRA and Conv-LoRA at the default settings on SAM ViT-B/L/H (as ``convlora params`` prints them)."""
-    from convlora.config import ConvLoraConfig
+    from convlora.tuner.config import ConvLoraConfig
 
     config = ConvLoraConfig()
     out = [
@@ -286,7 +286,7 @@ def parameter_counts_markdown() -> str:
         f"{', '.join(f'{s:g}' for s in config.expert_scales)}, full 3x3 convolutions, the fused `qkv` of every "
         f"encoder layer. On ViT-B the conv experts and gates add {100 * (b_conv - b_lora) / b_lora:.1f}% to LoRA's "
         "adapter. The counts are exact and the same on any machine: this table is computed when the documentation "
-        "is built, with `convlora.sam.parameter_counts` on the meta device (no weights are downloaded); "
+        "is built, with `convlora.models.params.parameter_counts` on the meta device (no weights are downloaded); "
         '`convlora params` prints the same numbers. "Mask decoder" counts the whole decoder; the training engine '
         "then freezes its IoU head and the mask-token MLPs prompt-free segmentation does not use "
         "(`freeze_iou_head`).",
@@ -313,7 +313,7 @@ def rank_table_markdown() -> str:
     out += [
         "",
         "SAM ViT-B, `qkv` of all 12 layers, 8 full-convolution experts; computed at build time with "
-        "`convlora.sam.parameter_counts` (`convlora params --variants vit-b --r R` prints one row). The mask "
+        "`convlora.models.params.parameter_counts` (`convlora params --variants vit-b --r R` prints one row). The mask "
         f"decoder ({decoder:,} parameters, trained in full) is the same for every rank.",
     ]
     return "\n".join(out)
@@ -350,13 +350,13 @@ def domains_markdown() -> str:
 def embedded_model_markdown() -> str:
     """The pretraining record of ``convlora-tiny``, or a note that it is not in this checkout."""
     try:
-        from convlora.assets import embedded_info
+        from convlora.models.embedded import embedded_info
 
         record = embedded_info("convlora-tiny")
     except (ImportError, ValueError, OSError, json.JSONDecodeError):
         return (
             '!!! note "Embedded model not built in this checkout"\n\n'
-            "    `convlora-tiny` is produced by `python -m convlora.pretrain` and ships inside the package "
+            "    `convlora-tiny` is produced by `python tools/pretrain_base.py` and ships inside the package "
             "(`convlora/assets/convlora-tiny/`). Its pretraining record (command, machine, held-out IoU) appears "
             "here once the weights are committed."
         )

@@ -70,7 +70,7 @@ def soak(
     """
     import convlora
     from convlora.data import SegmentationDataset
-    from convlora.sam import random_sam, tiny_sam_config
+    from convlora.models import random_sam, tiny_sam_config
     from convlora.synthetic import write_dataset
 
     random_sam(tiny_sam_config(), seed=0).save_pretrained(workdir / "sam")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..train_config import METHODS
+from ..training.methods import METHODS
 
 KINDS = ("quality", "cost")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -54,7 +54,7 @@ class Arm:
             raise ValueError(f"arm name must use letters, digits, '_', '-' or '.', got {self.name!r}")
         if not isinstance(self.conv_lora, dict):
             raise ValueError(f"arm {self.name!r}: conv_lora must be a mapping, got {self.conv_lora!r}")
-        if self.conv_lora and self.method not in ("conv_lora", "lora"):
+        if self.conv_lora and not METHODS[self.method].uses_adapter:
             raise ValueError(f"arm {self.name!r}: conv_lora settings do not apply to method {self.method!r}")
 
 

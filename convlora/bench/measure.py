@@ -36,7 +36,9 @@ import torch
 from torch import nn
 
 from .._io import write_json
-from ..sam import count_parameters, load_sam, random_sam, sam_config, tiny_sam_config
+from ..models import count_parameters, load_sam, random_sam, sam_config, tiny_sam_config
+from ..models.embedded import BASE_ARCHITECTURE
+from ..training.methods import METHODS
 from .environment import load_average, pick_device, pick_dtype, set_threads
 
 RANDOM_PREFIX = "random:"
@@ -58,8 +60,6 @@ def build_base(model: str, image_size: int | None = None) -> nn.Module:
         if variant == "tiny":
             return random_sam(tiny_sam_config(**({"image_size": image_size} if image_size else {})), seed=0)
         if variant == "convlora-tiny":
-            from ..pretrain import BASE_ARCHITECTURE
-
             arch = {**BASE_ARCHITECTURE, **({"image_size": image_size} if image_size else {})}
             return random_sam(tiny_sam_config(**arch), seed=0)
         return random_sam(sam_config(variant, image_size=image_size or 1024), seed=0)
@@ -118,10 +118,11 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
         spec: ``model``, ``method``, ``conv_lora`` (dict), ``image_size``, ``batch_size``, ``warmup_steps``,
             ``timed_steps``, ``device``, ``precision``.
     """
-    from ..config import ConvLoraConfig
-    from ..losses import build_loss
-    from ..methods import TaskInfo, build_task_model, export_trained
-    from ..train import TrainStep
+    from ..training.artifact import TaskInfo, export_trained
+    from ..training.engine import TrainStep
+    from ..training.losses import build_loss
+    from ..training.methods import build_task_model
+    from ..tuner.config import ConvLoraConfig
 
     device = pick_device(spec.get("device", "auto"))
     dtype = pick_dtype(spec.get("precision", "auto"), device)
@@ -134,7 +135,7 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
     size = int(base.config.vision_config.image_size)
     method = spec["method"]
     task = TaskInfo("binary", 2, ["background", "foreground"], size, spec["model"], method)
-    adapter = ConvLoraConfig(**spec.get("conv_lora", {})) if method in ("conv_lora", "lora") else None
+    adapter = ConvLoraConfig(**spec.get("conv_lora", {})) if METHODS[method].uses_adapter else None
     model = build_task_model(base, task, adapter, freeze_iou_head=True).to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     step = TrainStep(model, build_loss(None, "binary"))
@@ -197,10 +198,9 @@ def measure_latency(spec: dict[str, Any]) -> dict[str, Any]:
         spec: ``model``, ``conv_lora`` (dict), ``image_size``, ``latency_batch_size``, ``latency_runs``,
             ``latency_warmup``, ``device``, ``precision``.
     """
-    from ..config import ConvLoraConfig
-    from ..export import merged_extra_parameters
-    from ..methods import segmentation_logits
-    from ..sam import apply_conv_lora
+    from ..models import apply_conv_lora, segmentation_logits
+    from ..models.merged_io import merged_extra_parameters
+    from ..tuner.config import ConvLoraConfig
 
     device = pick_device(spec.get("device", "auto"))
     dtype = pick_dtype(spec.get("precision", "auto"), device)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import write_json
+from ..training.methods import METHODS
 from .environment import load_average
 from .experiments import Arm, QualityExperiment
 
@@ -71,7 +72,7 @@ def train_fields(
     fields = recipe(domain).train_fields(real=real)
     fields.update(experiment.train)
     fields.update(data=str(data), method=arm.method, seed=seed, max_steps=max_steps, overlay_samples=0)
-    if arm.method in ("conv_lora", "lora"):
+    if METHODS[arm.method].uses_adapter:
         fields["conv_lora"] = dict(arm.conv_lora)
     # the experiment's model is the base for its synthetic data; real data keeps the recipe's real checkpoint
     model = model or (None if real else experiment.model)
@@ -193,7 +194,7 @@ def summarize(
         runs: the run records.
         zero_shots: the base model's test metrics per domain (reported beside the arms), if measured.
     """
-    from ..metrics import higher_is_better
+    from ..training.metrics import higher_is_better
 
     baseline = experiment.baseline
     rows = []

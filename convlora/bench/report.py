@@ -113,7 +113,7 @@ def fmt_delta(entry: dict[str, Any] | None) -> str:
 
 def metric_label(metric: str) -> str:
     """The metric's name with an arrow saying which direction is better."""
-    from ..metrics import higher_is_better
+    from ..training.metrics import higher_is_better
 
     try:
         return f"{metric} {ARROWS[higher_is_better(metric)]}"
@@ -228,7 +228,7 @@ def _by_domain_table(summary: list[dict[str, Any]], arms: list[str], baseline: s
 
 
 def _best(values: dict[str, dict[str, Any]], metric: str) -> str | None:
-    from ..metrics import higher_is_better
+    from ..training.metrics import higher_is_better
 
     scored = {a: s["mean"] for a, s in values.items() if s.get("mean") is not None}
     if not scored:
@@ -263,14 +263,13 @@ def _by_arm_table(row: dict[str, Any], arms: list[str]) -> list[str]:
 
 def plot_quality(result: dict[str, Any], path: str | Path) -> None:
     """One bar chart per domain: each arm's mean main metric, the sample std as error bar, seeds as dots."""
-    plt = _pyplot()
     summary = result["summary"]
     arms = [a["name"] for a in result["config"]["arms"]]
     methods = {a["name"]: a["method"] for a in result["config"]["arms"]}
     columns = min(4, len(summary))
     rows = -(-len(summary) // columns)
     width = max(3.2, 0.55 * len(arms) + 1.2)
-    figure, axes = plt.subplots(rows, columns, figsize=(width * columns, 3.2 * rows), squeeze=False)
+    figure, axes = _subplots(rows, columns, figsize=(width * columns, 3.2 * rows), squeeze=False)
     for ax in axes.flat[len(summary) :]:
         ax.set_visible(False)
     for ax, row in zip(axes.flat, summary, strict=False):
@@ -382,13 +381,12 @@ def cost_markdown(result: dict[str, Any]) -> str:
 
 def plot_cost(result: dict[str, Any], path: str | Path) -> None:
     """Bars per method at the reference point: step time, peak memory and merged inference latency."""
-    plt = _pyplot()
     rows = result["reference"]["methods"]
     methods = list(rows)
     panels = [("step_seconds", "train step (s)", 1), ("peak_memory_bytes", "peak memory (MiB)", 2**20)]
     if all(rows[m].get("merged_latency_seconds") is not None for m in methods):
         panels.append(("merged_latency_seconds", "merged inference (s)", 1))
-    figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
+    figure, axes = _subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
     for ax, (key, label, scale) in zip(axes[0], panels, strict=True):
         values = [(rows[m].get(key) or 0) / scale for m in methods]
         ax.bar(methods, values, color=[COLOURS.get(m, "#9467bd") for m in methods])
@@ -401,11 +399,10 @@ def plot_cost(result: dict[str, Any], path: str | Path) -> None:
 
 def plot_scaling(result: dict[str, Any], path: str | Path) -> None:
     """Step time and peak memory against each swept axis, one line per method."""
-    plt = _pyplot()
     from matplotlib import ticker
 
     sweeps = result["sweeps"]
-    figure, axes = plt.subplots(2, len(sweeps), figsize=(4.2 * len(sweeps), 6.0), squeeze=False)
+    figure, axes = _subplots(2, len(sweeps), figsize=(4.2 * len(sweeps), 6.0), squeeze=False)
     for column, (axis, points) in enumerate(sweeps.items()):
         xs = [p[axis] for p in points]
         for method in points[0]["methods"]:
@@ -533,20 +530,17 @@ def replace_summary(text: str, summary: str, *, where: str = "README.md") -> str
 # ------------------------------------------------------------------------------------------------ output
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def _subplots(rows: int, columns: int, figsize: tuple[float, float], squeeze: bool = True) -> tuple[Any, Any]:
+    """A figure and its axes, drawn off-screen without pyplot (no global backend switch)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(rows, columns, squeeze=squeeze)
 
 
 def _save(figure: Any, path: Path) -> None:
-    plt = _pyplot()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    plt.close(figure)
     with atomic_file(path, "wb") as handle:
         handle.write(buffer.getvalue())
 

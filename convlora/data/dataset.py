@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..processing import IGNORE_INDEX, ResizeInfo, postprocess_masks, preprocess, preprocess_mask
+from ..models.processing import IGNORE_INDEX, ResizeInfo, postprocess_masks, preprocess, preprocess_mask
 from .folder import (
     ALL,
     ENCODINGS,
@@ -240,7 +240,7 @@ class SegmentationData:
         mode: ``"binary"`` or ``"multiclass"``.
         num_classes: classes including the background (2 for binary).
         class_names: a name per class.
-        task_family: a key of ``convlora.metrics.MAIN_METRICS``: the synthetic domain named in
+        task_family: a key of ``convlora.training.metrics.MAIN_METRICS``: the synthetic domain named in
             ``dataset.json`` when there is one, else the mode.
         reports: the inspection report of each source (``"data"``, ``"val_data"``, ``"test_data"``).
         notes: how the splits were made (for the run's log).
@@ -385,7 +385,7 @@ def load_datasets(
 
 
 def _task_family(report: DatasetReport) -> str:
-    from ..metrics import MAIN_METRICS
+    from ..training.metrics import MAIN_METRICS
 
     if report.mode == "binary" and report.domain in MAIN_METRICS:
         return str(report.domain)
@@ -395,7 +395,7 @@ def _task_family(report: DatasetReport) -> str:
 def build_datasets(config: Any) -> SegmentationData:
     """:func:`load_datasets` with the settings of a ``TrainConfig`` (``data``, ``val_data``, ``mode`` ...).
 
-    >>> from convlora.train_config import load_config
+    >>> from convlora.training.config import load_config
     >>> data = build_datasets(load_config(overrides=["--data", "data/polyp"]))  # doctest: +SKIP
     """
     mode = None if config.mode in (None, "auto") else config.mode

@@ -9,7 +9,7 @@ The pipeline works in the model's frame (input size ``S``) to stay cheap on larg
 resize of the longest side to ``S * scale`` (bilinear for the image, nearest for the labels), a random
 ``S x S`` crop where the result is larger, colour jitter, ImageNet normalisation, and padding (image 0,
 labels 255 = ignore) where it is smaller. With every augmentation off it equals
-:func:`convlora.processing.preprocess` exactly.
+:func:`convlora.models.processing.preprocess` exactly.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from ..processing import (
+from ..models.processing import (
     IGNORE_INDEX,
     as_tensor,
     image_to_tensor,

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-METHODS = ("conv_lora", "lora", "decoder", "full")
+from .methods import METHODS
+
 MODES = ("auto", "binary", "multiclass")
 PRECISIONS = ("no", "bf16", "fp16")
 
@@ -50,7 +51,8 @@ class TrainConfig:
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (fp16 needs a CUDA GPU); unset: what
             ``accelerate launch --mixed_precision`` (or ``accelerate config``) says, else ``"no"``.
         gradient_checkpointing: recompute encoder activations in the backward pass to save memory.
-        loss: loss name from ``convlora.losses``; ``bce_dice`` (binary) or ``ce_dice`` (multi-class) by default.
+        loss: loss name from ``convlora.training.losses``; ``bce_dice`` (binary) or ``ce_dice`` (multi-class)
+            by default.
         augment: fields of the augmentation settings (``hflip``, ``scale``, ``color_jitter`` ...).
         num_workers: DataLoader worker processes.
         seed: seed of everything random (data order, augmentation, gate noise, initialisation).
@@ -130,14 +132,14 @@ class TrainConfig:
             raise ValueError("weight_decay and grad_clip must be >= 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.method in ("decoder", "full") and self.conv_lora:
+        if not METHODS[self.method].uses_adapter and self.conv_lora:
             raise ValueError(f"conv_lora settings do not apply to method {self.method!r}")
         self.adapter_config()  # validates the nested adapter settings early
         self.augment_config()
 
     def adapter_config(self) -> Any:
         """The :class:`~convlora.ConvLoraConfig` described by ``conv_lora``."""
-        from .config import ConvLoraConfig
+        from ..tuner.config import ConvLoraConfig
 
         try:
             return ConvLoraConfig(**self.conv_lora)
@@ -146,7 +148,7 @@ class TrainConfig:
 
     def augment_config(self) -> Any:
         """The augmentation settings described by ``augment``."""
-        from .data import AugmentConfig
+        from ..data import AugmentConfig
 
         try:
             return AugmentConfig(**self.augment)

@@ -9,9 +9,12 @@ from typing import Any
 
 from peft import PeftConfig
 
+from .._compat import MethodType
 from .moe import INTERPOLATION_MODES
+from .presets import TARGET_PRESETS, target_modules_pattern
 
-PEFT_TYPE = "CONV_LORA"
+# Not a PeftType member (a closed enum): a str carrying `.value`/`.name`, equal to and saved as "CONV_LORA".
+PEFT_TYPE = MethodType("CONV_LORA")
 # Bumped when a saved adapter can no longer be read by an older convlora.
 FORMAT_VERSION = 1
 
@@ -32,7 +35,7 @@ class ConvLoraConfig(PeftConfig):
         lora_dropout: dropout on the layer input before the down-projection.
         target_modules: module names or a regex of the layers to adapt; derived from ``target_preset``
             and ``layers`` when not given.
-        target_preset: a named set of targets from ``convlora.sam.TARGET_PRESETS`` (``"qkv"``,
+        target_preset: a named set of targets from ``convlora.tuner.presets.TARGET_PRESETS`` (``"qkv"``,
             ``"qkv_proj"``, ``"attention_mlp"``); the default is ``"qkv"``.
         layers: indices of the image-encoder layers to adapt; all layers when ``None``.
         num_experts: number of conv experts.
@@ -65,7 +68,7 @@ class ConvLoraConfig(PeftConfig):
     )
     target_preset: str | None = field(
         default=None,
-        metadata={"help": "Named target set from convlora.sam.TARGET_PRESETS; 'qkv' when nothing is given."},
+        metadata={"help": "Named target set from convlora.tuner.presets.TARGET_PRESETS; 'qkv' when nothing is given."},
     )
     layers: list[int] | None = field(
         default=None, metadata={"help": "Image-encoder layer indices to adapt (all layers when unset)."}
@@ -105,8 +108,6 @@ class ConvLoraConfig(PeftConfig):
         self._validate()
 
     def _validate(self) -> None:
-        from .sam import TARGET_PRESETS, target_modules_pattern
-
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"This Conv-LoRA adapter was saved with format_version={self.format_version} by a newer convlora; "

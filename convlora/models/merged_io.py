@@ -8,7 +8,7 @@ A merged Conv-LoRA model is one self-contained checkpoint: transformers' ``confi
 silently drop the side branches and produce different masks. Pointed at a merged Conv-LoRA directory it
 fails instead; :func:`load_merged` (and ``convlora.load_sam``) rebuild the branches. A merged plain-LoRA
 (or decoder-only) binary model has no side branch and is saved as a vanilla transformers checkpoint; a
-multi-class model (see ``convlora.semantic``) always uses the convlora layout, since its decoder has
+multi-class model (see ``convlora.models.semantic``) always uses the convlora layout, since its decoder has
 class tokens that stock transformers does not know.
 """
 
@@ -21,8 +21,10 @@ from typing import Any
 import safetensors.torch
 from torch import nn
 
-from ._io import atomic_dir, write_json
-from .layer import ConvLoraMergedLinear
+from .._io import atomic_dir, write_json
+from ..tuner import ConvLoraMergedLinear
+from .family import model_class
+from .semantic import class_decoder_classes, install_class_decoder
 
 MERGED_WEIGHTS_NAME = "convlora_model.safetensors"
 MERGED_FORMAT_VERSION = 1
@@ -76,8 +78,6 @@ def save_merged(model: nn.Module, directory: str | Path) -> Path:
 
 def write_merged(model: nn.Module, directory: Path) -> None:
     """Write the files of :func:`save_merged` into an existing (temporary) directory."""
-    from .semantic import class_decoder_classes
-
     layers = merged_layers(model)
     num_classes = class_decoder_classes(model)
     config = getattr(model, "config", None)
@@ -106,8 +106,6 @@ def load_merged(directory: str | Path) -> nn.Module:
         ValueError: when the directory is not a merged convlora checkpoint, or its weights do not match
             its config (names the missing or unexpected tensors).
     """
-    from .sam import _model_class
-
     directory = Path(directory)
     config_file = directory / "config.json"
     weights = directory / MERGED_WEIGHTS_NAME
@@ -128,11 +126,9 @@ def load_merged(directory: str | Path) -> nn.Module:
             f"{config_file} was written by a newer convlora (merged format {block['format_version']}); "
             f"this convlora reads format <= {MERGED_FORMAT_VERSION}. Upgrade convlora."
         )
-    model_cls = _model_class(config_dict.get("model_type"), config_file)
+    model_cls = model_class(config_dict.get("model_type"), config_file)
     model = model_cls(model_cls.config_class.from_dict(config_dict))
     if block.get("num_classes") is not None:
-        from .semantic import install_class_decoder
-
         install_class_decoder(model, int(block["num_classes"]))
     for name, specs in block["layers"].items():
         parent_name, _, child_name = name.rpartition(".")

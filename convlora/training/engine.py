@@ -12,6 +12,7 @@ rotated), ``adapter/`` (the best model's artifact + model card), ``metrics.json`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -24,7 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ._io import write_json
+from .._io import write_json
+from ..models import count_parameters, find_sam, load_sam, segmentation_logits
+from ..tuner.moe import moe_aux_loss
+from .artifact import TaskInfo, export_trained
 from .checkpoint import (
     checkpoint_dir,
     list_checkpoints,
@@ -33,10 +37,9 @@ from .checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from .methods import TaskInfo, build_task_model, export_trained, segmentation_logits
-from .moe import moe_aux_loss
-from .sam import count_parameters, find_sam, load_sam
-from .train_config import TrainConfig
+from .config import TrainConfig
+from .evaluate import evaluate_split
+from .methods import METHODS, build_task_model
 
 
 class TrainingError(RuntimeError):
@@ -198,15 +201,15 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
     """Fine-tune SAM as ``config`` says; returns where everything went and the best metric.
 
     Args:
-        config: the run's settings (see :class:`~convlora.train_config.TrainConfig`).
+        config: the run's settings (see :class:`~convlora.training.config.TrainConfig`).
         show_progress: draw a progress bar on the main process.
 
-    >>> from convlora.train_config import load_config
+    >>> from convlora.training.config import load_config
     >>> result = train(load_config(overrides=["--data", "data/polyp", "--epochs", "3"]))  # doctest: +SKIP
     """
     from accelerate.utils import set_seed
 
-    from .data import build_datasets
+    from ..data import build_datasets
     from .losses import build_loss
     from .metrics import main_metric
 
@@ -234,7 +237,7 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
         method=config.method,
     )
     data.set_image_size(image_size)
-    adapter_config = config.adapter_config() if config.method in ("conv_lora", "lora") else None
+    adapter_config = config.adapter_config() if METHODS[config.method].uses_adapter else None
     model = build_task_model(base, task, adapter_config, freeze_iou_head=config.freeze_iou_head)
     if config.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
@@ -455,7 +458,7 @@ def _optimizer_step(
         pixel_values = batch["pixel_values"].to(accelerator.device)
         labels = batch["labels"].to(accelerator.device)
         last = index == len(group) - 1
-        context = accelerator.no_sync(step_module) if not last else _nullcontext()
+        context = accelerator.no_sync(step_module) if not last else contextlib.nullcontext()
         with context, accelerator.autocast():
             out = step_module(pixel_values, labels)
             accelerator.backward(out["loss"] / len(group))
@@ -476,50 +479,6 @@ def _optimizer_step(
         reduced = accelerator.reduce(torch.tensor(list(totals.values()), device=accelerator.device), "mean")
         totals = dict(zip(totals, reduced.tolist(), strict=True))
     return totals
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: Any) -> None:
-        return None
-
-
-@torch.no_grad()
-def evaluate_split(
-    model: nn.Module, dataset: Any, data: Any, accelerator: Any | None = None, batch_size: int = 4
-) -> dict[str, float]:
-    """Metrics of ``model`` on a labelled dataset, computed at each image's original resolution.
-
-    Under several processes each one evaluates every ``world_size``-th image and the metric sums are
-    added up, so every image counts exactly once.
-    """
-    from .metrics import build_metrics
-
-    was_training = model.training
-    model.eval()
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    indices = list(range(rank, len(dataset), world))
-    extra = {"class_names": list(data.class_names)} if data.mode == "multiclass" else {}
-    metrics = build_metrics(data.mode, data.num_classes, **extra)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=0)
-    for batch in loader:
-        with accelerator.autocast() if accelerator is not None else _nullcontext():
-            logits = segmentation_logits(model, batch["pixel_values"].to(device)).float()
-        for i in range(logits.shape[0]):
-            index = int(batch["index"][i])
-            full = dataset.postprocess(logits[i : i + 1], index)  # (1, k, h, w) at the original size
-            target = torch.as_tensor(dataset.original_mask(index)).long().unsqueeze(0)
-            metrics.update(full.cpu(), target)
-    state = metrics.state()
-    if accelerator is not None and world > 1:
-        state = {k: accelerator.reduce(v.to(device), reduction="sum").cpu() for k, v in state.items()}
-        metrics.load_state(state)
-    model.train(was_training)
-    return metrics.compute()
 
 
 def _scalar_config(config: TrainConfig) -> dict[str, Any]:
@@ -545,7 +504,7 @@ def _finish(
     stopped_early: bool,
 ) -> TrainResult:
     """Test evaluation with the best model, metrics.json, plots and the closing summary."""
-    from .methods import load_trained
+    from .artifact import load_trained
     from .report import plot_curves, save_overlay_grid
 
     run_dir = Path(config.output_dir)

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from transformers.models.sam.modeling_sam import SamMaskDecoder
 
+from .family import find_sam
+
 
 class ClassQueryMaskDecoder(SamMaskDecoder):
     """SAM's mask decoder with one query token per class and a shared hypernetwork MLP.
@@ -98,13 +100,11 @@ def install_class_decoder(model: nn.Module, num_classes: int) -> nn.Module:
         model: a ``SamModel`` (not wrapped in PEFT).
         num_classes: classes including the background.
 
-    >>> from convlora.sam import random_sam, tiny_sam_config
+    >>> from convlora.models import random_sam, tiny_sam_config
     >>> sam = install_class_decoder(random_sam(tiny_sam_config()), num_classes=12)
     >>> sam(pixel_values=torch.randn(1, 3, 64, 64)).pred_masks.shape
     torch.Size([1, 1, 12, 32, 32])
     """
-    from .sam import find_sam
-
     sam = find_sam(model)
     old = sam.mask_decoder
     if type(old) is not SamMaskDecoder:

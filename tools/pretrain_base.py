@@ -13,7 +13,7 @@ Each mask loss is ``dice + bce_weight * BCE + focal_weight * focal`` on logits u
 size, plus the mean squared error of the IoU head against the IoU the mask really reaches. SAM weighs
 focal 20 : dice 1; from scratch at this scale that kept every mask empty for hundreds of steps, while
 dice + BCE left the plateau within ~200 steps, so it is the default. All parameters are trained with
-AdamW, linear warm-up and cosine decay, from ``convlora.sam.random_sam`` weights (with SAM's scale for
+AdamW, linear warm-up and cosine decay, from ``convlora.models.loading.random_sam`` weights (with SAM's scale for
 the random Fourier features of positions, see :func:`initial_model`).
 
 Everything random derives from the seed: weights from ``seed``, training image ``i`` of step ``s`` from
@@ -21,15 +21,14 @@ Everything random derives from the seed: weights from ``seed``, training image `
 steps (safetensors + JSON) lets an interrupted run resume exactly where it stopped. The held-out images
 come from ``(HELD_OUT_STREAM, i)``, a stream training never draws from.
 
-Run ``python -m convlora.pretrain --out runs/base --minutes 60``.
+Run ``python tools/pretrain_base.py --out runs/base --minutes 60`` from the repository root. This script is
+not part of the installed package: it only rebuilds the shipped asset ``convlora/assets/convlora-tiny``.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -43,28 +42,18 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from ._io import atomic_dir, write_json
-from .checkpoint import load_checkpoint, save_checkpoint
-from .sam import count_parameters, find_sam, random_sam, tiny_sam_config
-from .synthetic import objects
+from convlora._io import atomic_dir, write_json
+from convlora.bench.environment import machine, versions
+from convlora.models import count_parameters, find_sam, random_sam, tiny_sam_config
+from convlora.models.embedded import BASE_ARCHITECTURE
+from convlora.models.processing import IMAGENET_MEAN, IMAGENET_STD, normalize
+from convlora.synthetic import objects
+from convlora.training.checkpoint import load_checkpoint, save_checkpoint
+from convlora.training.losses import per_mask_losses
 
 TRAIN_STREAM, PROMPT_STREAM, HELD_OUT_STREAM = 1, 2, 3
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# Architecture of the embedded ``convlora-tiny`` base (arguments of ``convlora.sam.tiny_sam_config``).
-BASE_ARCHITECTURE: dict[str, Any] = {
-    "image_size": 128,
-    "patch_size": 8,
-    "hidden_size": 96,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "window_size": 8,
-    "global_attn_indexes": [1, 3],
-    "decoder_size": 64,
-    "mlp_ratio": 4.0,
-}
 
 
 @dataclass
@@ -72,7 +61,7 @@ class PretrainConfig:
     """Settings of a pretraining run.
 
     Args:
-        architecture: keyword arguments of ``convlora.sam.tiny_sam_config``.
+        architecture: keyword arguments of ``convlora.models.sam.tiny_sam_config``.
         steps: optimiser steps; when ``None``, ``minutes`` sets them from the measured speed.
         minutes: wall-time budget used to choose ``steps`` after a few timed steps.
         batch_size: images per step.
@@ -141,7 +130,7 @@ class PretrainConfig:
 
 
 def pixel_values(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """SAM's input normalisation: uint8 ``(b, h, w, 3)`` images to ImageNet-normalised ``(b, 3, h, w)`` floats.
+    """SAM's input normalisation (the library's): uint8 ``(b, h, w, 3)`` images to ``(b, 3, h, w)`` floats.
 
     Args:
         images: a batch of RGB images, uint8.
@@ -150,10 +139,23 @@ def pixel_values(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     torch.Size([2, 3, 8, 8])
     """
     x = torch.as_tensor(np.asarray(images)).float() / 255.0
-    x = rearrange(x, "b h w c -> b c h w")
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalize(rearrange(x, "b h w c -> b c h w"))
+
+
+def lr_factor(step: int, total: int, config: PretrainConfig) -> float:
+    """Learning-rate factor of ``step``: transformers' warm-up + cosine decay to ``min_lr_ratio``.
+
+    The total is known only after a few timed steps when a minutes budget is given, so the factor is read
+    from the library's schedule at each step instead of keeping one scheduler object.
+
+    >>> round(lr_factor(0, 100, PretrainConfig(steps=100, warmup_steps=0, min_lr_ratio=0.1)), 3)
+    1.0
+    """
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(
+        probe, config.warmup_steps, total, min_lr_rate=config.min_lr_ratio
+    )
+    return float(schedule.lr_lambdas[0](step))
 
 
 def training_images(seed: int, step: int, batch_size: int, size: int, max_objects: int) -> list[tuple]:
@@ -244,35 +246,12 @@ def _upsample(pred_masks: torch.Tensor, size: int) -> torch.Tensor:
     return rearrange(flat, "(b k) m h w -> b k m h w", b=b, k=k)
 
 
-def mask_losses(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-mask focal, BCE and dice losses and IoU of ``logits`` ``(..., m, h, w)`` against ``target`` ``(..., h, w)``.
-
-    Returns tensors of shape ``(..., m)``; the IoU is of the thresholded mask and carries no gradient.
-
-    >>> out = mask_losses(torch.zeros(1, 2, 4, 4), torch.ones(1, 4, 4))
-    >>> [round(float(v), 3) for v in out["iou"][0]]
-    [0.0, 0.0]
-    """
-    t = target.unsqueeze(-3).expand_as(logits).flatten(-2)
-    x = logits.flatten(-2)
-    p = torch.sigmoid(x)
-    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-    p_t = p * t + (1 - p) * (1 - t)
-    focal = (ce * (1 - p_t) ** 2).mean(-1)
-    dice = 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
-    with torch.no_grad():
-        hard = (x > 0).float()
-        inter, union = (hard * t).sum(-1), ((hard + t) > 0).float().sum(-1)
-        iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-    return {"focal": focal, "bce": ce.mean(-1), "dice": dice, "iou": iou}
-
-
 def _objective(
     out: Any, target: torch.Tensor, size: int, config: PretrainConfig, best_of: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask loss (best mask only when ``best_of``) plus IoU-head regression; returns ``(loss, iou)``."""
     logits = _upsample(out.pred_masks, size)
-    parts = mask_losses(logits, target)
+    parts = per_mask_losses(logits, target)
     per_mask = config.focal_weight * parts["focal"] + config.bce_weight * parts["bce"] + parts["dice"]  # (b, k, m)
     if best_of:
         best = per_mask.argmin(-1, keepdim=True)
@@ -339,7 +318,7 @@ def evaluate(model: nn.Module, num_images: int = 64, *, batch_size: int = 16, ma
         batch_size: images per forward pass.
         max_objects: most objects per image (keep the corpus default to compare with the shipped numbers).
 
-    >>> from convlora.sam import random_sam, tiny_sam_config
+    >>> from convlora.models import random_sam, tiny_sam_config
     >>> sorted(evaluate(random_sam(tiny_sam_config(), 0), num_images=2))
     ['box_iou', 'foreground_iou', 'point_iou']
     """
@@ -356,7 +335,7 @@ def evaluate(model: nn.Module, num_images: int = 64, *, batch_size: int = 16, ma
         embeddings = sam.vision_encoder(pixel_values(np.stack([im for im, _ in chunk]))).last_hidden_state
         free = _upsample(sam(image_embeddings=embeddings, multimask_output=False).pred_masks, size)
         union = torch.from_numpy(np.stack([objects.foreground(m) for _, m in chunk])).float()
-        scores["foreground_iou"] += mask_losses(free[:, 0], union)["iou"][:, 0].tolist()
+        scores["foreground_iou"] += per_mask_losses(free[:, 0], union)["iou"][:, 0].tolist()
         for index, (_, masks) in enumerate(chunk):
             keep = _eligible(masks)
             target = torch.from_numpy(masks[keep]).float().unsqueeze(0)  # (1, k, h, w)
@@ -366,10 +345,10 @@ def evaluate(model: nn.Module, num_images: int = 64, *, batch_size: int = 16, ma
             emb = embeddings[index : index + 1]
             out = sam(image_embeddings=emb, input_points=points, input_labels=torch.ones(points.shape[:3]).long())
             ranked = out.iou_scores.argmax(-1)  # (1, k)
-            ious = mask_losses(_upsample(out.pred_masks, size), target)["iou"]  # (1, k, 3)
+            ious = per_mask_losses(_upsample(out.pred_masks, size), target)["iou"]  # (1, k, 3)
             scores["point_iou"] += ious.gather(-1, ranked.unsqueeze(-1))[0, :, 0].tolist()
             out = sam(image_embeddings=emb, input_boxes=boxes, multimask_output=False)
-            scores["box_iou"] += mask_losses(_upsample(out.pred_masks, size), target)["iou"][0, :, 0].tolist()
+            scores["box_iou"] += per_mask_losses(_upsample(out.pred_masks, size), target)["iou"][0, :, 0].tolist()
     model.train(was_training)
     return {name: round(float(np.mean(values)), 4) for name, values in scores.items()}
 
@@ -382,7 +361,7 @@ def initial_model(architecture: dict[str, Any], seed: int) -> nn.Module:
     """The untrained SAM a pretraining run starts from: ``random_sam`` with SAM's prompt position code.
 
     Args:
-        architecture: keyword arguments of ``convlora.sam.tiny_sam_config``.
+        architecture: keyword arguments of ``convlora.models.sam.tiny_sam_config``.
         seed: seed of the weights.
 
     >>> initial_model({"image_size": 32}, seed=0).shared_image_embedding.positional_embedding.std() < 3
@@ -400,13 +379,6 @@ def initial_model(architecture: dict[str, Any], seed: int) -> nn.Module:
     return model.train()
 
 
-def _learning_rate(step: int, total: int, config: PretrainConfig) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def _optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -414,33 +386,6 @@ def _optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.Optimize
         (no_decay if exempt else decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999))
-
-
-def _config_from_dict(values: dict[str, Any]) -> PretrainConfig:
-    return PretrainConfig(**{k: v for k, v in values.items() if k in PretrainConfig.__dataclass_fields__})
-
-
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-    }
 
 
 def pretrain(config: PretrainConfig, out: str | Path, *, command: str | None = None) -> dict[str, Any]:
@@ -494,7 +439,7 @@ def pretrain(config: PretrainConfig, out: str | Path, *, command: str | None = N
                 total = step + max(1, int(0.93 * remaining / per_step))
                 progress["total_steps"] = total
                 print(f"{per_step:.3f} s/step measured: {total} steps fit in {config.minutes} min", flush=True)
-        lr = _learning_rate(step, total or 10**9, config)
+        lr = config.lr * lr_factor(step, total or 10**9, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         samples = training_images(config.seed, step, config.batch_size, size, config.max_objects)
@@ -534,7 +479,7 @@ def pretrain(config: PretrainConfig, out: str | Path, *, command: str | None = N
         "images_seen": progress["images"],
         "wall_time_s": round(train_seconds, 1),
         "wall_time_note": "training time including intermediate evaluations and checkpoints, summed over resumes",
-        "machine": _machine(),
+        "machine": {**machine(), "torch_threads": torch.get_num_threads(), **versions()},
         "parameters": count_parameters(model),
         "architecture": config.architecture,
         "preprocessing": {"scale": "1/255", "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "layout": "b 3 h w"},
@@ -554,9 +499,9 @@ def pretrain(config: PretrainConfig, out: str | Path, *, command: str | None = N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Arguments of ``python -m convlora.pretrain`` (and of ``convlora pretrain-base``)."""
+    """Arguments of ``python tools/pretrain_base.py``."""
     parser = argparse.ArgumentParser(
-        prog="python -m convlora.pretrain",
+        prog="python tools/pretrain_base.py",
         description="Pretrain a small SAM on the generic objects corpus (the embedded convlora-tiny base).",
     )
     parser.add_argument("--out", required=True, help="output folder (also holds the checkpoint to resume from)")
@@ -610,7 +555,7 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         pretrain(config, args.out, command=shlex.join([Path(sys.executable).name, *sys.argv]))
     except ValueError as error:
-        print(f"convlora.pretrain: error: {error}", file=sys.stderr)
+        print(f"pretrain_base: error: {error}", file=sys.stderr)
         return 2
     return 0
 

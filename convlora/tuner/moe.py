@@ -24,6 +24,15 @@ EXPERT_CONVS = ("full", "depthwise")
 NOISE_EPSILON = 1e-2
 
 
+def check_grid(x: torch.Tensor, where: str) -> None:
+    """Refuse anything but a channels-last grid ``(b, h, w, d)``, naming ``where`` it was seen."""
+    if x.dim() != 4:
+        raise ValueError(
+            f"{where} needs a channels-last grid (batch, height, width, channels) to run its conv experts, "
+            f"got a tensor of shape {tuple(x.shape)}. Target only image-encoder layers (e.g. attn.qkv)."
+        )
+
+
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
     """Squared coefficient of variation ``var(x) / mean(x)^2``; zero for a single value.
 

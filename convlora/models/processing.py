@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
-from ._io import atomic_file
+from .._io import atomic_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

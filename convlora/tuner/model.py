@@ -1,6 +1,6 @@
-"""``ConvLoraModel``: the PEFT tuner that injects :class:`~convlora.layer.ConvLoraLinear` layers.
+"""``ConvLoraModel``: the PEFT tuner that injects :class:`~convlora.tuner.layer.ConvLoraLinear` layers.
 
-Importing this module registers the ``CONV_LORA`` method with PEFT, so that ``get_peft_model``,
+Importing ``convlora.tuner`` registers it as the ``CONV_LORA`` method with PEFT, so that ``get_peft_model``,
 ``PeftModel.from_pretrained``, ``save_pretrained`` and ``merge_and_unload`` work with a
 :class:`~convlora.ConvLoraConfig`.
 """
@@ -12,8 +12,7 @@ from typing import Any, ClassVar
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ._peft_compat import register_peft_method
-from .config import PEFT_TYPE, ConvLoraConfig
+from .config import ConvLoraConfig
 from .layer import ConvLoraLayer, ConvLoraLinear
 
 
@@ -82,6 +81,3 @@ class ConvLoraModel(BaseTuner):
         super()._check_new_adapter_config(config)
         if not isinstance(config, ConvLoraConfig):
             raise TypeError(f"Expected a ConvLoraConfig, got {type(config).__name__}")
-
-
-register_peft_method(PEFT_TYPE, ConvLoraConfig, ConvLoraModel, ConvLoraModel.prefix)

@@ -1,9 +1,9 @@
 """Models that ship inside the package, loadable offline by name.
 
 ``convlora-tiny`` is a small SAM (ViT encoder with windowed and global attention, prompt encoder, mask
-decoder; 128x128 inputs) pretrained by ``python -m convlora.pretrain`` on the generic objects corpus
-(``convlora.synthetic.objects``), never on the fine-tuning domains. Its folder holds ``config.json``,
-``model.safetensors`` and ``pretraining.json`` (the command, seed, machine, wall time and held-out IoUs).
+decoder; 128x128 inputs) pretrained by ``python tools/pretrain_base.py`` (a repository script) on the
+generic objects corpus (``convlora.synthetic.objects``), never on the fine-tuning domains. Its folder holds
+``config.json``, ``model.safetensors`` and ``pretraining.json`` (the command, seed, machine, wall time and held-out IoUs).
 """
 
 from __future__ import annotations
@@ -14,7 +14,20 @@ from typing import Any
 
 from torch import nn
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+
+# Architecture of the embedded ``convlora-tiny`` base (arguments of ``convlora.models.tiny_sam_config``).
+BASE_ARCHITECTURE: dict[str, Any] = {
+    "image_size": 128,
+    "patch_size": 8,
+    "hidden_size": 96,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "window_size": 8,
+    "global_attn_indexes": [1, 3],
+    "decoder_size": 64,
+    "mlp_ratio": 4.0,
+}
 
 # name -> folder inside convlora/assets/
 EMBEDDED_MODELS: dict[str, str] = {

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._io import atomic_dir, write_json
+from .._io import atomic_dir, write_json
 
 CHECKPOINT_PREFIX = "step-"
 

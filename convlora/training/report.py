@@ -10,27 +10,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._io import atomic_file
+from .._io import atomic_file
+from .methods import METHODS
+
+
+def _subplots(rows: int, columns: int, figsize: tuple[float, float], squeeze: bool = True) -> tuple[Any, Any]:
+    """A figure and its axes, drawn off-screen without pyplot (no global backend switch)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(rows, columns, squeeze=squeeze)
 
 
 def _figure_to_png(figure: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
     with atomic_file(path, "wb") as handle:
         handle.write(buffer.getvalue())
 
 
 def plot_curves(progress: dict[str, Any], path: str | Path) -> None:
     """Training loss per logged step and validation metrics per evaluation, side by side, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    figure, (loss_ax, metric_ax) = _subplots(1, 2, figsize=(10, 3.6))
     losses = progress.get("train_loss", [])
     if losses:
         steps = [entry["step"] for entry in losses]
@@ -67,7 +68,7 @@ def plot_curves(progress: dict[str, Any], path: str | Path) -> None:
 @torch.no_grad()
 def predict_masks(model: nn.Module, dataset: Any, indices: list[int]) -> list[np.ndarray]:
     """Class-id masks at each image's original size (binary: 0/1) for some samples of a dataset."""
-    from .methods import segmentation_logits
+    from ..models import segmentation_logits
 
     was_training = model.training
     model.eval()
@@ -90,18 +91,13 @@ def logits_to_mask(logits: torch.Tensor) -> torch.Tensor:
 
 def save_overlay_grid(model: nn.Module, dataset: Any, path: str | Path, count: int = 8) -> None:
     """A PNG grid of validation samples: image, ground truth overlay, prediction overlay."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .processing import overlay
+    from ..models.processing import overlay
 
     indices = list(range(min(count, len(dataset))))
     if not indices:
         return
     predictions = predict_masks(model, dataset, indices)
-    figure, axes = plt.subplots(len(indices), 3, figsize=(7.5, 2.5 * len(indices)), squeeze=False)
+    figure, axes = _subplots(len(indices), 3, figsize=(7.5, 2.5 * len(indices)), squeeze=False)
     for row, (index, prediction) in enumerate(zip(indices, predictions, strict=True)):
         image = dataset.original_image(index)
         truth = dataset.original_mask(index)
@@ -124,7 +120,7 @@ def model_card(task: Any, config: Any, scores: dict[str, float]) -> str:
         "logits = model(pixel_values=pixel_values).pred_masks[:, 0]"
     )
     peft_note = ""
-    if task.method in ("conv_lora", "lora"):
+    if METHODS[task.method].uses_adapter:
         peft_note = (
             "\nThe folder is a regular PEFT adapter. With stock PEFT, `import convlora` first (it registers the "
             "Conv-LoRA method), prepare the base model as convlora does (image size"

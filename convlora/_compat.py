@@ -5,13 +5,20 @@ PEFT's public ``peft.utils.register_peft_method`` only accepts names already pre
 values; PEFT's dispatch tables are plain dicts, so an entry keyed by the string ``"CONV_LORA"`` is found
 wherever PEFT looks up ``config.peft_type``. Tested with the PEFT versions allowed in pyproject.toml.
 
+PEFT and transformers also read ``config.peft_type.value`` / ``.name`` (transformers' ``load_adapter``
+marks adapter keys with ``peft_type.value.lower()``), so the registered name is a :class:`MethodType`: a
+``str`` that carries ``.value`` and ``.name`` like an enum member, hashes and compares as its plain string
+and is written to ``adapter_config.json`` as that string.
+
 Without ``import convlora`` stock PEFT has no entry for ``"CONV_LORA"`` and refuses such an adapter
 with ``KeyError: 'CONV_LORA'`` instead of silently building a different model (tested).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import peft
@@ -19,9 +26,54 @@ from packaging.version import Version
 
 TESTED_PEFT = ("0.21", "0.22")  # [lower, upper)
 
-# PEFT 0.21 calls a transformers API that transformers 5.x deprecates, on every get_peft_model; the
-# warning is about PEFT's code, not the user's, so convlora keeps it out of its users' logs.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+class MethodType(str):
+    """A PEFT method name outside PEFT's closed ``PeftType`` enum, usable wherever a member is.
+
+    It is the plain string for hashing, comparison, ``str()`` and JSON, and answers ``.value`` and
+    ``.name`` as ``PeftType`` members do.
+
+    Args:
+        value: the method's name, e.g. ``"CONV_LORA"``.
+
+    >>> kind = MethodType("CONV_LORA")
+    >>> kind == "CONV_LORA", kind.value.lower(), {"CONV_LORA": 1}[kind], str(kind)
+    (True, 'conv_lora', 1, 'CONV_LORA')
+    """
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        """The plain string, as ``PeftType.LORA.value`` is ``"LORA"``."""
+        return str.__str__(self)
+
+    @property
+    def name(self) -> str:
+        """The member name; equal to the value, as for every ``PeftType`` member."""
+        return str.__str__(self)
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return repr(str.__str__(self))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # copies and pickles (dataclasses.asdict deep-copies fields) keep the type
+        return (MethodType, (str.__str__(self),))
+
+
+@contextlib.contextmanager
+def quiet_peft_deprecations() -> Iterator[None]:
+    """Hide the one deprecation PEFT 0.21 triggers inside transformers 5.x on every ``get_peft_model``.
+
+    The warning is about PEFT's code, not the user's; it is silenced only for the duration of the call, so
+    no warning filter of the user's process changes when convlora is imported.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def check_peft_version() -> None:

@@ -393,3 +393,26 @@ def build_loss(name: str | None, mode: str, **kwargs: object) -> nn.Module:
             )
         raise ValueError(f"unknown loss {name!r} for mode {mode!r}; choose one of {sorted(registry)}")
     return registry[name](**kwargs)
+
+
+def per_mask_losses(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-mask focal, BCE and dice losses and IoU of ``logits`` ``(..., m, h, w)`` against ``target`` ``(..., h, w)``.
+
+    Returns tensors of shape ``(..., m)``; the IoU is of the thresholded mask and carries no gradient.
+
+    >>> out = per_mask_losses(torch.zeros(1, 2, 4, 4), torch.ones(1, 4, 4))
+    >>> [round(float(v), 3) for v in out["iou"][0]]
+    [0.0, 0.0]
+    """
+    t = target.unsqueeze(-3).expand_as(logits).flatten(-2)
+    x = logits.flatten(-2)
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    focal = (ce * (1 - p_t) ** 2).mean(-1)
+    dice = 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
+    with torch.no_grad():
+        hard = (x > 0).float()
+        inter, union = (hard * t).sum(-1), ((hard + t) > 0).float().sum(-1)
+        iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    return {"focal": focal, "bce": ce.mean(-1), "dice": dice, "iou": iou}

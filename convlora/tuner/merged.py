@@ -1,0 +1,134 @@
+"""What ``merge_and_unload`` leaves of a Conv-LoRA layer: a folded ``nn.Linear`` plus a frozen conv side branch.
+
+``ConvLoraMergedLinear`` is an ``nn.Linear`` whose weight holds ``W + (alpha / r) B A`` and which still
+runs the (non-linear) conv path as a small frozen side branch ``B' MoE(A x)`` with ``B' = (alpha / r) B``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from .moe import ConvExpertMixture, check_grid
+
+
+def _experts_spec(experts: ConvExpertMixture) -> dict[str, Any]:
+    return {
+        "r": experts.channels,
+        "scales": list(experts.scales),
+        "top_k": experts.top_k,
+        "expert_conv": "depthwise" if experts.groups > 1 else "full",
+        "interpolation": experts.interpolation,
+        "weighted_combine": experts.weighted_combine,
+    }
+
+
+class ConvLoraSideBranch(nn.Module):
+    """The non-linear remainder of a merged Conv-LoRA adapter: ``up(experts(down(x)))``.
+
+    ``up`` already contains the ``alpha / r`` scaling. The gate runs without noise, so the branch is
+    deterministic in train and eval mode alike.
+
+    Args:
+        in_features: input width of the adapted layer.
+        out_features: output width of the adapted layer.
+        spec: the expert mixture's settings, as returned by :meth:`spec`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: dict[str, Any]) -> None:
+        super().__init__()
+        r = int(spec["r"])
+        self.down = nn.Linear(in_features, r, bias=False)
+        self.experts = ConvExpertMixture(
+            channels=r,
+            scales=spec["scales"],
+            top_k=spec["top_k"],
+            depthwise=spec["expert_conv"] == "depthwise",
+            interpolation=spec["interpolation"],
+            weighted_combine=spec["weighted_combine"],
+            noisy_gating=False,
+            aux_loss_weight=0.0,
+        )
+        self.up = nn.Linear(r, out_features, bias=False)
+
+    @classmethod
+    def from_adapter(
+        cls, down: nn.Linear, experts: ConvExpertMixture, up: nn.Linear, scaling: float
+    ) -> ConvLoraSideBranch:
+        """A frozen copy of one adapter's conv path, with ``scaling`` folded into the up-projection."""
+        branch = cls(down.in_features, up.out_features, _experts_spec(experts))
+        weight = down.weight
+        branch.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            branch.down.weight.copy_(down.weight)
+            branch.up.weight.copy_(up.weight.float() * scaling)
+            branch.experts.load_state_dict(copy.deepcopy(experts.state_dict()))
+        return branch.requires_grad_(False)
+
+    def spec(self) -> dict[str, Any]:
+        """The settings needed to rebuild this branch before loading its weights."""
+        return _experts_spec(self.experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch's contribution ``(b, h, w, out)`` for a grid ``x`` ``(b, h, w, in)``."""
+        check_grid(x, "A merged Conv-LoRA layer")
+        z = self.down(x.to(self.down.weight.dtype))  # (b, h, w, r)
+        return self.up(self.experts(z))  # (b, h, w, out)
+
+
+class ConvLoraMergedLinear(nn.Linear):
+    """``nn.Linear`` with the LoRA part folded in, plus frozen conv side branches.
+
+    ``forward(x) = x W'^T + b + sum_i branch_i(x)``. Its extra parameters are the side branches':
+    ``r (in + out)`` for the projections plus the experts and gate, per merged adapter.
+
+    Args:
+        in_features: input width.
+        out_features: output width.
+        specs: one branch spec (see :meth:`ConvLoraSideBranch.spec`) per adapter name.
+        bias: whether the linear layer has a bias.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        specs: dict[str, dict[str, Any]],
+        bias: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, **kwargs)
+        self.side_branches = nn.ModuleDict(
+            {name: ConvLoraSideBranch(in_features, out_features, spec) for name, spec in specs.items()}
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, branches: dict[str, ConvLoraSideBranch]) -> ConvLoraMergedLinear:
+        """Wrap an ``nn.Linear`` (whose weight already holds the folded LoRA part) with side branches."""
+        merged = cls(
+            linear.in_features,
+            linear.out_features,
+            {},
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        merged.weight = linear.weight
+        if linear.bias is not None:
+            merged.bias = linear.bias
+        merged.side_branches = nn.ModuleDict(branches)
+        return merged
+
+    def branch_specs(self) -> dict[str, dict[str, Any]]:
+        """Settings of every side branch, keyed by adapter name."""
+        return {name: branch.spec() for name, branch in self.side_branches.items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The folded linear layer plus every side branch."""
+        result = super().forward(x)
+        for branch in self.side_branches.values():
+            result = result + branch(x).to(result.dtype)
+        return result

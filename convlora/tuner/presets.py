@@ -1,0 +1,47 @@
+"""Named target sets: which ``nn.Linear`` modules of a SAM image encoder Conv-LoRA adapts.
+
+Plain data (module-name patterns), keyed by model family and preset name, so that the PEFT method can
+resolve ``target_preset`` / ``layers`` into PEFT's ``target_modules`` without importing any model code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# Where each family keeps its encoder layers, and its named target sets relative to one layer. Patterns are
+# anchored at the encoder because SAM's mask decoder also has modules called ``mlp.lin1`` or ``q_proj``.
+ENCODER_LAYERS: dict[str, str] = {
+    "sam": r"vision_encoder\.layers",
+    "sam_hq": r"vision_encoder\.layers",
+}
+FAMILY_PRESETS: dict[str, dict[str, str]] = {
+    "sam": {
+        "qkv": r"attn\.qkv",
+        "qkv_proj": r"attn\.(?:qkv|proj)",
+        "attention_mlp": r"(?:attn\.(?:qkv|proj)|mlp\.(?:lin1|lin2))",
+    },
+}
+FAMILY_PRESETS["sam_hq"] = FAMILY_PRESETS["sam"]
+# The presets of SAM (and SAM-HQ), the default family.
+TARGET_PRESETS: dict[str, str] = FAMILY_PRESETS["sam"]
+
+
+def target_modules_pattern(preset: str = "qkv", layers: Sequence[int] | None = None, family: str = "sam") -> str:
+    """Regex (for PEFT's ``target_modules``) selecting a preset's modules in the given encoder layers.
+
+    Args:
+        preset: a key of ``FAMILY_PRESETS[family]``.
+        layers: encoder layer indices; all layers when ``None``.
+        family: the model family (a transformers ``model_type`` such as ``"sam"``).
+
+    >>> import re
+    >>> bool(re.fullmatch(target_modules_pattern("qkv", [0, 2]), "vision_encoder.layers.2.attn.qkv"))
+    True
+    """
+    if family not in FAMILY_PRESETS:
+        raise ValueError(f"Unknown model family {family!r}; known: {sorted(FAMILY_PRESETS)}")
+    presets = FAMILY_PRESETS[family]
+    if preset not in presets:
+        raise ValueError(f"Unknown target preset {preset!r} for {family}; choose one of {sorted(presets)}")
+    layer = r"\d+" if layers is None else "(?:" + "|".join(str(int(i)) for i in layers) + ")"
+    return rf"(?:.*\.)?{ENCODER_LAYERS[family]}\.{layer}\.{presets[preset]}"
