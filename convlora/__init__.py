@@ -5,6 +5,7 @@
 >>> model = apply_conv_lora(SamModel(tiny_sam_config()), ConvLoraConfig(r=2, num_experts=2))
 """
 
+from ._version import __version__
 from .inference import Segmenter, evaluate, merge_model, predict_folder
 from .models import (
     SAM_VARIANTS,
@@ -31,8 +32,6 @@ from .tuner import (
     ConvLoraModel,
     moe_aux_loss,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "SAM_VARIANTS",

@@ -22,7 +22,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import peft
+from accelerate.state import AcceleratorState, GradientState, PartialState
 from packaging.version import Version
+from peft import mapping
 
 TESTED_PEFT = ("0.21", "0.22")  # [lower, upper)
 
@@ -90,8 +92,6 @@ def check_peft_version() -> None:
 
 def register_peft_method(peft_type: str, config_cls: type, model_cls: type, prefix: str) -> None:
     """Make ``peft_type`` known to PEFT's config, tuner and prefix tables (idempotent)."""
-    from peft import mapping
-
     check_peft_version()
     tables: dict[str, tuple[dict[Any, Any], Any]] = {
         "config": (mapping.PEFT_TYPE_TO_CONFIG_MAPPING, config_cls),
@@ -107,3 +107,16 @@ def register_peft_method(peft_type: str, config_cls: type, model_cls: type, pref
         ):
             raise RuntimeError(f"PEFT already has a different method registered as {peft_type!r}: {existing}")
         table[peft_type] = value
+
+
+def forget_accelerate_settings() -> None:
+    """Let one process run several trainings with different settings (examples, benchmarks, notebooks).
+
+    Accelerate keeps its settings (mixed precision, ...) in a process-wide singleton and refuses to change
+    them. In a single process nothing else depends on it, so it is cleared between runs; under
+    `accelerate launch` it holds the process group and is left alone.
+    """
+    if PartialState._shared_state and PartialState().num_processes > 1:
+        return
+    AcceleratorState._reset_state()
+    GradientState._reset_state()

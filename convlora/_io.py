@@ -172,3 +172,55 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
         _reraise(path, error)
+
+
+def read_versioned_json(
+    path: str | Path, *, known: set[str] | None, version: int, what: str, version_key: str = "format_version"
+) -> dict[str, Any]:
+    """Read a JSON object written by convlora, refusing what this version cannot read faithfully.
+
+    One reader for every versioned file (task files, checkpoint progress, ...), so the refusals read alike:
+    a missing or damaged file, a file from a newer convlora (``version_key`` above ``version``), or fields
+    this convlora does not know (``known``; ``None`` accepts any) are each a ``ValueError`` naming the file.
+
+    Args:
+        path: the JSON file.
+        known: the field names this convlora understands, or ``None``.
+        version: the newest format this convlora reads.
+        what: what the file is, for the messages (e.g. ``"a convlora model folder's task file"``).
+        version_key: the field holding the format version; a file without it is version 0.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "x.json"
+    >>> _ = path.write_text('{"format_version": 2, "a": 1}')
+    >>> read_versioned_json(path, known={"a", "format_version"}, version=1, what="a test file")
+    Traceback (most recent call last):
+    ...
+    ValueError: ... was written by a newer convlora (format 2); this convlora reads format <= 1. Upgrade convlora.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} is missing (expected {what})")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({what}): {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object ({what}), found {type(data).__name__}")
+    check_versioned(data, path, known=known, version=version, version_key=version_key)
+    return data
+
+
+def check_versioned(
+    data: dict[str, Any], source: Any, *, known: set[str] | None, version: int, version_key: str = "format_version"
+) -> None:
+    """The checks of :func:`read_versioned_json` on an object already read from ``source``."""
+    found = data.get(version_key, 0)
+    if not isinstance(found, int) or isinstance(found, bool) or found > version:
+        raise ValueError(
+            f"{source} was written by a newer convlora (format {found}); this convlora reads format <= {version}. "
+            "Upgrade convlora."
+        )
+    unknown = sorted(set(data) - known) if known is not None else []
+    if unknown:
+        raise ValueError(f"{source} has unknown fields {unknown}; it was probably written by a newer convlora")

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from ._io import write_json
+from .data import build_datasets
+from .models import load_sam
 from .recipes import recipe
+from .synthetic import write_dataset
+from .training.artifact import TaskInfo
+from .training.config import load_config
+from .training.engine import train
+from .training.evaluate import evaluate_split
+from .training.methods import build_task_model
 
 
 def build_parser(domain: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -52,10 +60,6 @@ def run_example(domain: str, argv: Sequence[str] | None = None, description: str
 
     >>> results = run_example("polyp", ["--quick"])  # doctest: +SKIP
     """
-    from .synthetic import write_dataset
-    from .training.config import load_config
-    from .training.engine import train
-
     args = build_parser(domain, description).parse_args(argv)
     spec = recipe(domain)
     real = args.data_dir is not None
@@ -111,12 +115,6 @@ def zero_shot_metrics(config: Any) -> dict[str, float]:
     For a binary task this is SAM's own first mask; for a multi-class task the freshly initialised class
     decoder, whose classes all start alike, so the number shows what an untrained head gives.
     """
-    from .data import build_datasets
-    from .models import load_sam
-    from .training.artifact import TaskInfo
-    from .training.evaluate import evaluate_split
-    from .training.methods import build_task_model
-
     data = build_datasets(config)
     base = load_sam(config.model, image_size=config.image_size)
     size = int(base.config.vision_config.image_size)

@@ -163,7 +163,7 @@ def test_committed_experiment_configs_are_valid():
 
 
 def test_summary_block_of_a_readme_is_replaced_and_a_readme_without_markers_named(smoke, tmp_path):
-    from convlora.bench.report import SUMMARY_END, SUMMARY_START
+    from convlora.bench.markdown import SUMMARY_END, SUMMARY_START
 
     results = smoke / "results"
     readme = tmp_path / "README.md"
@@ -181,7 +181,8 @@ def test_summary_block_of_a_readme_is_replaced_and_a_readme_without_markers_name
 
 
 def test_project_readme_shows_the_summary_of_the_committed_results():
-    from convlora.bench.report import SUMMARY_END, SUMMARY_START, load_results, summary_markdown
+    from convlora.bench.markdown import SUMMARY_END, SUMMARY_START, summary_markdown
+    from convlora.bench.schema import load_results
 
     results = load_results(CONFIGS.parent / "results")
     if not results:

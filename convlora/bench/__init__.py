@@ -10,7 +10,8 @@ the JSON alone. ``convlora benchmark run CONFIG...`` and ``convlora benchmark re
 
 from .experiments import Arm, CostExperiment, QualityExperiment, experiment_from_dict, load_experiment
 from .report import write_report
-from .runner import SCHEMA, main, run_experiment
+from .runner import main, run_experiment
+from .schema import SCHEMA
 
 __all__ = [
     "SCHEMA",

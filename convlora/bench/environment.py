@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .._version import __version__
+
 _PACKAGES = ("torch", "transformers", "peft", "accelerate", "numpy", "safetensors", "einops")
 
 
@@ -65,8 +67,6 @@ def machine() -> dict[str, Any]:
 
 def versions() -> dict[str, str | None]:
     """Versions of Python, convlora and the libraries that decide the numbers."""
-    from .. import __version__
-
     found: dict[str, str | None] = {"python": platform.python_version(), "convlora": __version__}
     for name in _PACKAGES:
         try:

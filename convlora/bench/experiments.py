@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..recipes import RECIPES, recipe
 from ..training.methods import METHODS
 
 KINDS = ("quality", "cost")
@@ -94,7 +95,6 @@ class QualityExperiment:
     threads: int = 1
 
     def __post_init__(self) -> None:
-        from ..recipes import RECIPES
 
         _check_name(self.name)
         if self.kind != "quality":
@@ -127,16 +127,12 @@ class QualityExperiment:
 
     def data_settings(self, domain: str) -> dict[str, Any]:
         """``write_dataset`` arguments for ``domain``: the recipe's split sizes, then ``data``."""
-        from ..recipes import recipe
-
         settings: dict[str, Any] = {**recipe(domain).synthetic_sizes, "size": 128, "seed": 0, "square": False}
         settings.update(self.data)
         return settings
 
     def metrics_for(self, domain: str) -> list[str]:
         """Metrics reported for ``domain``: ``report_metrics[domain]``, else the recipe's main metric."""
-        from ..recipes import recipe
-
         return list(self.report_metrics.get(domain) or [recipe(domain).metric])
 
 

@@ -21,8 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .._io import write_json
+from ..examples import zero_shot_metrics
+from ..recipes import recipe
+from ..synthetic import write_dataset
+from ..training import load_config, train
 from ..training.methods import METHODS
+from ..training.metrics import higher_is_better
 from .environment import load_average
 from .experiments import Arm, QualityExperiment
 
@@ -44,7 +51,6 @@ def dataset_for(experiment: QualityExperiment, domain: str, work_dir: Path, data
         if not path.exists():
             raise ValueError(f"--data-dir {data_dir}: no dataset for domain {domain!r} (expected {path})")
         return path
-    from ..synthetic import write_dataset
 
     s = experiment.data_settings(domain)
     name = f"{domain}-size{s['size']}-seed{s['seed']}-{s['train']}-{s['val']}-{s['test']}"
@@ -67,8 +73,6 @@ def train_fields(
     max_steps: int | None,
 ) -> dict[str, Any]:
     """``TrainConfig`` fields of one run: recipe, then the experiment's ``train``, then arm, seed and budget."""
-    from ..recipes import recipe
-
     fields = recipe(domain).train_fields(real=real)
     fields.update(experiment.train)
     fields.update(data=str(data), method=arm.method, seed=seed, max_steps=max_steps, overlay_samples=0)
@@ -104,8 +108,6 @@ def _earlier_record(result_file: Path, fields: dict[str, Any]) -> dict[str, Any]
 
 def run_one(fields: dict[str, Any], run_dir: Path, domain: str, arm: Arm) -> dict[str, Any]:
     """Train one run (unless its ``result.json`` already holds it) and return its record."""
-    from .. import load_config, train
-
     result_file = run_dir / "result.json"
     earlier = _earlier_record(result_file, fields)
     if earlier is not None:
@@ -147,10 +149,6 @@ def zero_shot(fields: dict[str, Any], domain_dir: Path, domain: str) -> dict[str
     The reference every method starts from: SAM's own first mask for binary domains, a freshly initialised
     class decoder (seed 0) for multi-class ones.
     """
-    import torch
-
-    from .. import load_config
-    from ..examples import zero_shot_metrics
 
     fields = {**fields, "method": "decoder", "seed": 0, "max_steps": None}
     fields.pop("conv_lora", None)
@@ -194,8 +192,6 @@ def summarize(
         runs: the run records.
         zero_shots: the base model's test metrics per domain (reported beside the arms), if measured.
     """
-    from ..training.metrics import higher_is_better
-
     baseline = experiment.baseline
     rows = []
     for domain in experiment.domains:

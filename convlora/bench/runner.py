@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from .._io import write_json
+from .cost import run_cost
 from .environment import environment, load_average, set_threads
 from .experiments import CostExperiment, Experiment, experiment_to_dict, load_experiment
+from .quality import run_quality
+from .report import write_report
+from .schema import SCHEMA
 
-SCHEMA = "convlora-benchmark/1"
 DEFAULT_RESULTS = "benchmarks/results"
 DEFAULT_WORK = "runs/bench"
 DESCRIPTION = "Quality and cost benchmarks of Conv-LoRA against LoRA, decoder-only and full fine-tuning."
@@ -57,9 +60,6 @@ def run_experiment(
         command: the command line to record.
         log: where progress lines go.
     """
-    from .cost import run_cost
-    from .quality import run_quality
-
     work_dir = Path(work_dir)
     set_threads(experiment.threads)
     started = time.time()
@@ -149,8 +149,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> main(["report", "--results-dir", "benchmarks/results"])  # doctest: +SKIP
     0
     """
-    from .report import write_report
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.benchmark_command == "report":

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftConfig, get_peft_model_state_dict
 from safetensors import safe_open
 from torch import nn
 
@@ -126,8 +127,6 @@ def read_adapter_config(directory: str | Path) -> Any:
 
     >>> config = read_adapter_config("runs/polyp/adapter")  # doctest: +SKIP
     """
-    from peft import PeftConfig
-
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise ValueError(f"{directory} is not a PEFT adapter folder: {ADAPTER_CONFIG} is missing")
@@ -143,8 +142,6 @@ def check_adapter_complete(model: nn.Module, directory: str | Path) -> None:
     PEFT only warns about adapter tensors missing from a file (say, an adapter trained on a shallower
     encoder) and leaves them at their initial values; this refuses such a partly loaded model.
     """
-    from peft import get_peft_model_state_dict
-
     weights = Path(directory) / ADAPTER_WEIGHTS
     missing = sorted(set(get_peft_model_state_dict(model)) - set(read_safetensors_shapes(weights)))
     if missing:

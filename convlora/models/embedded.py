@@ -3,7 +3,8 @@
 ``convlora-tiny`` is a small SAM (ViT encoder with windowed and global attention, prompt encoder, mask
 decoder; 128x128 inputs) pretrained by ``python tools/pretrain_base.py`` (a repository script) on the
 generic objects corpus (``convlora.synthetic.objects``), never on the fine-tuning domains. Its folder holds
-``config.json``, ``model.safetensors`` and ``pretraining.json`` (the command, seed, machine, wall time and held-out IoUs).
+``config.json``, ``model.safetensors`` and ``pretraining.json`` (the command, seed, machine, wall time and
+held-out IoUs).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from transformers import SamModel
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
@@ -63,8 +65,6 @@ def load_embedded(name: str) -> nn.Module:
     >>> model.config.vision_config.image_size
     128
     """
-    from transformers import SamModel
-
     path = embedded_path(name)
     return SamModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
 

@@ -18,15 +18,13 @@ import hashlib
 import json
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from .._io import atomic_dir, write_json
-
-if TYPE_CHECKING:
-    from . import DomainSpec
+from .domains import DOMAINS, GENERATOR_VERSION, DomainSpec
 
 SPLITS = ("train", "val", "test")
 MIN_SIZE = 16
@@ -39,8 +37,6 @@ _PREVIEW_COLOURS = np.array([
 
 
 def _spec(domain: str) -> DomainSpec:
-    from . import DOMAINS
-
     if domain not in DOMAINS:
         raise ValueError(f"Unknown synthetic domain {domain!r}; choose one of {sorted(DOMAINS)}")
     return DOMAINS[domain]
@@ -83,8 +79,6 @@ def sample(
 
 
 def _request(spec: DomainSpec, counts: dict[str, int], size: int, seed: int, square: bool) -> dict[str, Any]:
-    from . import GENERATOR_VERSION
-
     info: dict[str, Any] = {
         "domain": spec.name,
         "generator_version": GENERATOR_VERSION,

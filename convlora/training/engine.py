@@ -16,19 +16,24 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
+from transformers import get_cosine_schedule_with_warmup
 
-from .._io import write_json
-from ..models import count_parameters, find_sam, load_sam, segmentation_logits
+from .._compat import forget_accelerate_settings
+from .._io import check_versioned, write_json
+from ..data import build_datasets
+from ..models import count_parameters, family_of, find_sam, load_sam, segmentation_logits
 from ..tuner.moe import moe_aux_loss
-from .artifact import TaskInfo, export_trained
+from .artifact import TaskInfo, export_trained, load_trained
 from .checkpoint import (
     checkpoint_dir,
     list_checkpoints,
@@ -39,7 +44,10 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .evaluate import evaluate_split
+from .losses import build_loss
 from .methods import METHODS, build_task_model
+from .metrics import is_better, main_metric
+from .report import model_card, plot_curves, save_overlay_grid
 
 
 class TrainingError(RuntimeError):
@@ -116,18 +124,6 @@ def epoch_order(num_samples: int, seed: int, epoch: int, rank: int = 0, world_si
     return order[rank::world_size][:per_process]
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int):
-    """Learning-rate factor: linear warm-up, then cosine decay to zero."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
     sam = find_sam(model)
     kwargs = {"use_reentrant": False}
@@ -137,13 +133,10 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
         sam.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _make_accelerator(config: TrainConfig, run_dir: Path):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-
+def _make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("mixed_precision='fp16' needs a CUDA GPU; use 'bf16' or 'no' on this machine")
-    _forget_previous_run_settings()
+    forget_accelerate_settings()
     return Accelerator(
         # Without a GPU, processes started by `accelerate launch` / torchrun train on CPU with gloo.
         cpu=not torch.cuda.is_available(),
@@ -153,21 +146,6 @@ def _make_accelerator(config: TrainConfig, run_dir: Path):
         # Top-1 routing leaves some experts without samples in a step; DDP must not wait for their gradients.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-
-
-def _forget_previous_run_settings() -> None:
-    """Let one process run several trainings with different settings (examples, benchmarks, notebooks).
-
-    Accelerate keeps its settings (mixed precision, ...) in a process-wide singleton and refuses to change
-    them. In a single process nothing else depends on it, so it is cleared between runs; under
-    `accelerate launch` it holds the process group and is left alone.
-    """
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    if PartialState._shared_state and PartialState().num_processes > 1:
-        return
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
 
 
 def _rng_states(accelerator: Any) -> dict[str, torch.Tensor]:
@@ -197,6 +175,105 @@ def _restore_rng(states: dict[str, torch.Tensor], rank: int, world: int, source:
         torch.cuda.set_rng_state(states[f"cuda.{rank}"])
 
 
+@dataclass
+class TrainState:
+    """Everything about a run's progress that a checkpoint must carry (``progress.json``), and nothing else.
+
+    Args:
+        metric: the validation metric that picks the best model.
+        epoch: the epoch in progress (or the next one, between epochs).
+        batches_done: batches of this epoch already trained on (this process's share).
+        global_step: optimiser steps taken.
+        best: ``{"metric", "value", "epoch", "step"}`` of the best evaluation so far.
+        history: one dict of validation metrics per evaluation.
+        evals_without_improvement: evaluations since the best one (early stopping).
+        train_loss: mean losses of each log window, ``{"step", "loss", "task", "aux"}``.
+        loss_window: running sums of the log window in progress (so that a resumed run logs the same means).
+        elapsed: seconds of training before this process started (resumed runs).
+        scheduler: the learning-rate scheduler's state.
+    """
+
+    metric: str
+    epoch: int = 0
+    batches_done: int = 0
+    global_step: int = 0
+    best: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evals_without_improvement: int = 0
+    train_loss: list[dict[str, Any]] = field(default_factory=list)
+    loss_window: dict[str, float] = field(default_factory=lambda: dict(_EMPTY_WINDOW))
+    elapsed: float = 0.0
+    scheduler: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.best = {"metric": self.metric, "value": None, "epoch": None, "step": None, **self.best}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON written to a checkpoint's ``progress.json``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: Any) -> TrainState:
+        """A state from a checkpoint's ``progress.json`` (also convlora 0.1's, which kept the metric in ``best``)."""
+        check_versioned(data, source, known={f.name for f in fields(cls)}, version=0)
+        data = {"metric": data.get("best", {}).get("metric"), **data}
+        return cls(**data)
+
+    def add_losses(self, losses: dict[str, float], log_every: int, last_step: int) -> None:
+        """Count one optimiser step's losses into the log window; close the window every ``log_every`` steps."""
+        for key in ("loss", "task", "aux"):
+            self.loss_window[key] += losses[key]
+        self.loss_window["steps"] += 1
+        if self.global_step % log_every == 0 or self.global_step == last_step:
+            count = self.loss_window.pop("steps")
+            self.train_loss.append({"step": self.global_step, **{k: v / count for k, v in self.loss_window.items()}})
+            self.loss_window = dict(_EMPTY_WINDOW)
+
+
+_EMPTY_WINDOW = {"loss": 0.0, "task": 0.0, "aux": 0.0, "steps": 0}
+
+
+@dataclass
+class Run:
+    """The live objects of one training run, handed to the engine's functions instead of closures."""
+
+    config: TrainConfig
+    accelerator: Any
+    data: Any
+    task: TaskInfo
+    step_module: nn.Module
+    optimizer: Any
+    scheduler: Any
+    trainable: list[torch.nn.Parameter]
+    state: TrainState
+    total_steps: int
+    batches_per_epoch: int
+    started: float
+    bar: Any = None
+    stopped_early: bool = False
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.run_dir / "adapter"
+
+    @property
+    def model(self) -> nn.Module:
+        """The task model, unwrapped from Accelerate's wrappers."""
+        return self.accelerator.unwrap_model(self.step_module).model
+
+    def last_good(self) -> str:
+        """Where a user who must stop can continue from, for error messages."""
+        last = list_checkpoints(self.run_dir)
+        return f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+
+    def elapsed(self) -> float:
+        return self.state.elapsed + time.time() - self.started
+
+
 def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
     """Fine-tune SAM as ``config`` says; returns where everything went and the best metric.
 
@@ -207,12 +284,25 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
     >>> from convlora.training.config import load_config
     >>> result = train(load_config(overrides=["--data", "data/polyp", "--epochs", "3"]))  # doctest: +SKIP
     """
-    from accelerate.utils import set_seed
+    run = _start(config, show_progress)
+    while run.state.global_step < run.total_steps and run.state.epoch < config.epochs:
+        _train_epoch(run)
+        if run.stopped_early:
+            _message(run, f"early stopping: no improvement of {run.state.metric} in "
+                          f"{config.early_stopping_patience} evaluations")  # fmt: skip
+            break
+    if run.bar is not None:
+        run.bar.close()
+    if run.state.best["value"] is None:  # e.g. resumed after the last evaluation of a finished run
+        _evaluate_and_keep_best(run, run.state.epoch - 1)
+    run.accelerator.wait_for_everyone()
+    result = _finish(run)
+    run.accelerator.end_training()
+    return result
 
-    from ..data import build_datasets
-    from .losses import build_loss
-    from .metrics import main_metric
 
+def _start(config: TrainConfig, show_progress: bool) -> Run:
+    """Everything before the first step: data, model, optimiser, schedule, resume, trackers."""
     started = time.time()
     run_dir = Path(config.output_dir)
     accelerator = _make_accelerator(config, run_dir)
@@ -227,7 +317,7 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
 
     data = build_datasets(config)
     base = load_sam(config.model, image_size=config.image_size)
-    image_size = int(base.config.vision_config.image_size)
+    image_size = family_of(base).image_size(base)
     task = TaskInfo(
         mode=data.mode,
         num_classes=data.num_classes,
@@ -242,7 +332,6 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
     if config.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    trainable_count = count_parameters(model, trainable_only=True)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -250,33 +339,22 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
     if per_process == 0:
         raise ValueError(f"data: {len(data.train)} training samples cannot be shared by {world} processes")
     batches_per_epoch = math.ceil(per_process / config.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
-    total_steps = config.epochs * steps_per_epoch
+    total_steps = config.epochs * math.ceil(batches_per_epoch / config.grad_accum)
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    warmup = int(config.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     metric = config.metric or main_metric(task.mode if task.mode == "multiclass" else data.task_family).name
-    loss_fn = build_loss(config.loss, task.mode)
 
-    progress: dict[str, Any] = {
-        "epoch": 0,
-        "batches_done": 0,
-        "global_step": 0,
-        "best": {"metric": metric, "value": None, "epoch": None, "step": None},
-        "history": [],
-        "evals_without_improvement": 0,
-        "train_loss": [],
-        "elapsed": 0.0,
-    }
+    state = TrainState(metric=metric)
     rng_states = None
     if resume_from is not None:
         rng_states, progress = load_checkpoint(resume_from, model, optimizer)
-        scheduler.load_state_dict(progress.pop("scheduler"))
+        state = TrainState.from_dict(progress, resume_from / "progress.json")
+        scheduler.load_state_dict(state.scheduler)
         if is_main:
-            print(f"Resuming from {resume_from} (step {progress['global_step']}, epoch {progress['epoch']})")
+            print(f"Resuming from {resume_from} (step {state.global_step}, epoch {state.epoch})")
 
-    step_module = TrainStep(model, loss_fn)
+    step_module = TrainStep(model, build_loss(config.loss, task.mode))
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -284,163 +362,195 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
         print(data.summary())
         print(
             f"model: {config.model} at {image_size}x{image_size}, method {config.method}, "
-            f"{trainable_count:,} trainable parameters; {total_steps} optimizer steps on {world} process(es)"
+            f"{count_parameters(model, trainable_only=True):,} trainable parameters; {total_steps} optimizer steps "
+            f"on {world} process(es)"
         )
         accelerator.init_trackers("convlora", config=_scalar_config(config))
     if rng_states is not None:
         _restore_rng(rng_states, rank, world, resume_from)
-
     bar = None
     if show_progress and is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=progress["global_step"], desc="train", unit="step", file=sys.stdout)
-    adapter_dir = run_dir / "adapter"
-    stopped_early = False
+        bar = tqdm(total=total_steps, initial=state.global_step, desc="train", unit="step", file=sys.stdout)
+    return Run(
+        config=config,
+        accelerator=accelerator,
+        data=data,
+        task=task,
+        step_module=step_module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        trainable=trainable,
+        state=state,
+        total_steps=total_steps,
+        batches_per_epoch=batches_per_epoch,
+        started=started,
+        bar=bar,
+    )
+
+
+def _train_epoch(run: Run) -> None:
+    """Train the rest of the current epoch (from ``state.batches_done``), then evaluate and checkpoint."""
+    config, state, accelerator = run.config, run.state, run.accelerator
+    epoch, world = state.epoch, accelerator.num_processes
+    run.data.train.set_epoch(epoch)
+    order = epoch_order(len(run.data.train), config.seed, epoch, accelerator.process_index, world)
+    skip = state.batches_done
+    loader = DataLoader(
+        run.data.train,
+        batch_size=config.batch_size,
+        sampler=order[skip * config.batch_size :],
+        num_workers=config.num_workers,
+        generator=torch.Generator().manual_seed(config.seed + epoch),
+        drop_last=False,
+    )
+    run.step_module.train()
+    group: list[dict[str, Any]] = []
+    remaining = run.batches_per_epoch - skip
     window_start, window_images = time.time(), 0
-    base_elapsed = float(progress.get("elapsed", 0.0))
+    for batch in loader:
+        group.append(batch)
+        remaining -= 1
+        if len(group) < config.grad_accum and remaining > 0:
+            continue
+        losses = _optimizer_step(accelerator, run.step_module, run.optimizer, group, config.grad_clip, run.trainable)
+        if not math.isfinite(losses["loss"]):
+            raise TrainingError(
+                f"non-finite loss ({losses['loss']}) at step {state.global_step + 1} (epoch {epoch}); "
+                f"{run.last_good()}. Lower lr, enable grad_clip, or check the data."
+            )
+        run.scheduler.step()
+        state.global_step += 1
+        state.batches_done += len(group)
+        window_images += sum(len(b["pixel_values"]) for b in group) * world
+        group = []
+        state.add_losses(losses, config.log_every_steps, run.total_steps)
+        step = state.global_step
+        if accelerator.is_main_process:
+            lr = run.scheduler.get_last_lr()[0]
+            if step % config.log_every_steps == 0:
+                accelerator.log({f"train/{k}": v for k, v in losses.items()} | {"train/lr": lr}, step=step)
+            if run.bar is not None:
+                rate = window_images / max(1e-9, time.time() - window_start)
+                run.bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                run.bar.update(1)
+        if config.save_every_steps and step % config.save_every_steps == 0 and step < run.total_steps:
+            _save_snapshot(run)
+        if step >= run.total_steps:
+            break
+    done = state.global_step >= run.total_steps
+    if state.batches_done >= run.batches_per_epoch or done:
+        if (epoch + 1) % config.eval_every_epochs == 0 or done or epoch + 1 == config.epochs:
+            _evaluate_and_keep_best(run, epoch)
+        state.epoch = epoch + 1
+        state.batches_done = 0
+        _save_snapshot(run)
 
-    def last_good() -> str:
-        last = list_checkpoints(run_dir)
-        return f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
 
-    def snapshot() -> None:
-        step = progress["global_step"]
-        if not all(bool(torch.isfinite(p).all()) for p in trainable):  # every process holds the same weights
-            raise TrainingError(f"non-finite weights after step {step}; {last_good()}. Lower lr or enable grad_clip.")
-        states = _rng_states(accelerator)
-        if is_main:
-            record = dict(progress, scheduler=scheduler.state_dict(), elapsed=base_elapsed + time.time() - started)
+def _save_snapshot(run: Run) -> None:
+    """A resumable checkpoint of the run as it is now (then older ones are rotated out)."""
+    step = run.state.global_step
+    if not all(bool(torch.isfinite(p).all()) for p in run.trainable):  # every process holds the same weights
+        raise TrainingError(f"non-finite weights after step {step}; {run.last_good()}. Lower lr or enable grad_clip.")
+    states = _rng_states(run.accelerator)
+    if run.accelerator.is_main_process:
+        run.state.scheduler = run.scheduler.state_dict()
+        progress = dict(run.state.to_dict(), elapsed=run.elapsed())
+        optimizer = run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer
+        try:
+            save_checkpoint(checkpoint_dir(run.run_dir, step), run.model, optimizer, states, progress)
+        except OSError as error:
+            raise TrainingError(
+                f"could not save the checkpoint of step {step}: {error}; {run.last_good()}. "
+                "Free space (or fix permissions) and continue with --resume latest."
+            ) from error
+        rotate_checkpoints(run.run_dir, run.config.keep_checkpoints)
+    run.accelerator.wait_for_everyone()
+
+
+def _evaluate_and_keep_best(run: Run, epoch: int) -> None:
+    """Validation metrics; the model is exported to ``adapter/`` whenever the metric improves."""
+    config, state, accelerator = run.config, run.state, run.accelerator
+    model = run.model
+    scores = evaluate_split(model, run.data.val, run.data, accelerator, batch_size=config.batch_size)
+    state.history.append({"epoch": epoch, "step": state.global_step, **scores})
+    value = scores.get(state.metric)
+    if value is None:
+        raise ValueError(f"metric {state.metric!r} is not computed for this task; available: {sorted(scores)}")
+    if is_better(state.metric, value, state.best["value"]):
+        state.best.update(value=value, epoch=epoch, step=state.global_step)
+        state.evals_without_improvement = 0
+        if accelerator.is_main_process:
+            run.task.metrics = {"val": scores, "best_epoch": epoch}
             try:
-                save_checkpoint(
-                    checkpoint_dir(run_dir, step),
-                    accelerator.unwrap_model(step_module).model,
-                    optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                    states,
-                    record,
-                )
+                export_trained(model, run.task, run.adapter_dir, model_card(run.task, config, scores))
             except OSError as error:
                 raise TrainingError(
-                    f"could not save the checkpoint of step {step}: {error}; {last_good()}. "
+                    f"could not save the best model of epoch {epoch}: {error}; {run.last_good()}. "
                     "Free space (or fix permissions) and continue with --resume latest."
                 ) from error
-            rotate_checkpoints(run_dir, config.keep_checkpoints)
-        accelerator.wait_for_everyone()
-
-    def evaluate_and_keep_best(epoch: int) -> None:
-        nonlocal stopped_early
-        unwrapped = accelerator.unwrap_model(step_module).model
-        scores = evaluate_split(unwrapped, data.val, data, accelerator, batch_size=config.batch_size)
-        entry = {"epoch": epoch, "step": progress["global_step"], **scores}
-        progress["history"].append(entry)
-        value = scores.get(metric)
-        if value is None:
-            raise ValueError(f"metric {metric!r} is not computed for this task; available: {sorted(scores)}")
-        from .metrics import is_better
-
-        best = progress["best"]
-        if is_better(metric, value, best["value"]):
-            best.update(value=value, epoch=epoch, step=progress["global_step"])
-            progress["evals_without_improvement"] = 0
-            if is_main:
-                task.metrics = {"val": scores, "best_epoch": epoch}
-                from .report import model_card
-
-                try:
-                    export_trained(unwrapped, task, adapter_dir, model_card(task, config, scores))
-                except OSError as error:
-                    raise TrainingError(
-                        f"could not save the best model of epoch {epoch}: {error}; {last_good()}. "
-                        "Free space (or fix permissions) and continue with --resume latest."
-                    ) from error
-        else:
-            progress["evals_without_improvement"] += 1
-        if is_main:
-            accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=progress["global_step"])
-            if bar is not None:
-                bar.write(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-        patience = config.early_stopping_patience
-        if patience is not None and progress["evals_without_improvement"] >= patience:
-            stopped_early = True
-        accelerator.wait_for_everyone()
-
-    done = progress["global_step"] >= total_steps
-    while not done and progress["epoch"] < config.epochs:
-        epoch = progress["epoch"]
-        data.train.set_epoch(epoch)
-        order = epoch_order(len(data.train), config.seed, epoch, rank, world)
-        skip = progress["batches_done"]
-        loader = DataLoader(
-            data.train,
-            batch_size=config.batch_size,
-            sampler=order[skip * config.batch_size :],
-            num_workers=config.num_workers,
-            generator=torch.Generator().manual_seed(config.seed + epoch),
-            drop_last=False,
-        )
-        step_module.train()
-        group: list[dict[str, Any]] = []
-        remaining = batches_per_epoch - skip
-        for batch in loader:
-            group.append(batch)
-            remaining -= 1
-            if len(group) < config.grad_accum and remaining > 0:
-                continue
-            losses = _optimizer_step(accelerator, step_module, optimizer, group, config.grad_clip, trainable)
-            if not math.isfinite(losses["loss"]):
-                raise TrainingError(
-                    f"non-finite loss ({losses['loss']}) at step {progress['global_step'] + 1} (epoch {epoch}); "
-                    f"{last_good()}. Lower lr, enable grad_clip, or check the data."
-                )
-            scheduler.step()
-            progress["global_step"] += 1
-            progress["batches_done"] += len(group)
-            window_images += sum(len(b["pixel_values"]) for b in group) * world
-            group = []
-            step = progress["global_step"]
-            # logged losses are means over the steps since the last log (kept in progress, so resumes agree)
-            window = progress.setdefault("loss_window", {"loss": 0.0, "task": 0.0, "aux": 0.0, "steps": 0})
-            for key in ("loss", "task", "aux"):
-                window[key] += losses[key]
-            window["steps"] += 1
-            if step % config.log_every_steps == 0 or step == total_steps:
-                count = window.pop("steps")
-                progress["train_loss"].append({"step": step, **{k: v / count for k, v in window.items()}})
-                progress["loss_window"] = {"loss": 0.0, "task": 0.0, "aux": 0.0, "steps": 0}
-            if is_main:
-                lr = scheduler.get_last_lr()[0]
-                if step % config.log_every_steps == 0:
-                    accelerator.log({f"train/{k}": v for k, v in losses.items()} | {"train/lr": lr}, step=step)
-                if bar is not None:
-                    rate = window_images / max(1e-9, time.time() - window_start)
-                    bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-                    bar.update(1)
-            if config.save_every_steps and step % config.save_every_steps == 0 and step < total_steps:
-                snapshot()
-            if step >= total_steps:
-                done = True
-                break
-        epoch_finished = progress["batches_done"] >= batches_per_epoch or done
-        if epoch_finished:
-            if (epoch + 1) % config.eval_every_epochs == 0 or done or epoch + 1 == config.epochs:
-                evaluate_and_keep_best(epoch)
-            progress["epoch"] = epoch + 1
-            progress["batches_done"] = 0
-            snapshot()
-            if stopped_early:
-                if is_main and bar is not None:
-                    bar.write(
-                        f"early stopping: no improvement of {metric} in {config.early_stopping_patience} evaluations"
-                    )
-                break
-    if bar is not None:
-        bar.close()
-
-    if progress["best"]["value"] is None:  # e.g. resumed after the last evaluation of a finished run
-        evaluate_and_keep_best(progress["epoch"] - 1)
+    else:
+        state.evals_without_improvement += 1
+    if accelerator.is_main_process:
+        accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=state.global_step)
+        _message(run, f"epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    patience = config.early_stopping_patience
+    if patience is not None and state.evals_without_improvement >= patience:
+        run.stopped_early = True
     accelerator.wait_for_everyone()
-    result = _finish(config, data, task, progress, accelerator, trainable_count, started, base_elapsed, stopped_early)
-    accelerator.end_training()
+
+
+def _message(run: Run, text: str) -> None:
+    """A line for the person watching (under the progress bar when there is one)."""
+    if run.accelerator.is_main_process and run.bar is not None:
+        run.bar.write(text)
+
+
+def _finish(run: Run) -> TrainResult:
+    """Test evaluation with the best model, metrics.json, plots and the closing summary."""
+    config, state, accelerator, data = run.config, run.state, run.accelerator, run.data
+    test_metrics = None
+    if data.test is not None or accelerator.is_main_process:
+        best_model, _ = load_trained(run.adapter_dir)
+        best_model.to(accelerator.device)
+        if data.test is not None:
+            test_metrics = evaluate_split(best_model, data.test, data, accelerator, batch_size=config.batch_size)
+        if accelerator.is_main_process and config.overlay_samples:
+            save_overlay_grid(best_model, data.val, run.run_dir / "val_overlays.png", config.overlay_samples)
+    wall = run.elapsed()
+    trainable_count = count_parameters(run.model, trainable_only=True)
+    result = TrainResult(
+        run_dir=run.run_dir,
+        adapter_dir=run.adapter_dir,
+        task=run.task,
+        metric=state.metric,
+        best_value=state.best["value"],
+        best_epoch=state.best["epoch"],
+        steps=state.global_step,
+        history=state.history,
+        test_metrics=test_metrics,
+        trainable_parameters=trainable_count,
+        wall_time=wall,
+        stopped_early=run.stopped_early,
+    )
+    if accelerator.is_main_process:
+        write_json(
+            run.run_dir / "metrics.json",
+            {
+                "best": state.best,
+                "history": state.history,
+                "test": test_metrics,
+                "train_loss": state.train_loss,
+                "steps": state.global_step,
+                "trainable_parameters": trainable_count,
+                "wall_time_seconds": round(wall, 1),
+                "stopped_early": run.stopped_early,
+                "task": run.task.to_dict(),
+            },
+        )
+        plot_curves(state.to_dict(), run.run_dir / "curves.png")
+        print(summary(result))
     return result
 
 
@@ -490,67 +600,6 @@ def _scalar_config(config: TrainConfig) -> dict[str, Any]:
         else:
             flat[key] = value
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()}
-
-
-def _finish(
-    config: TrainConfig,
-    data: Any,
-    task: TaskInfo,
-    progress: dict[str, Any],
-    accelerator: Any,
-    trainable_count: int,
-    started: float,
-    base_elapsed: float,
-    stopped_early: bool,
-) -> TrainResult:
-    """Test evaluation with the best model, metrics.json, plots and the closing summary."""
-    from .artifact import load_trained
-    from .report import plot_curves, save_overlay_grid
-
-    run_dir = Path(config.output_dir)
-    adapter_dir = run_dir / "adapter"
-    best = progress["best"]
-    test_metrics = None
-    if data.test is not None or accelerator.is_main_process:
-        best_model, _ = load_trained(adapter_dir)
-        best_model.to(accelerator.device)
-        if data.test is not None:
-            test_metrics = evaluate_split(best_model, data.test, data, accelerator, batch_size=config.batch_size)
-        if accelerator.is_main_process and config.overlay_samples:
-            save_overlay_grid(best_model, data.val, run_dir / "val_overlays.png", config.overlay_samples)
-    wall = base_elapsed + time.time() - started
-    result = TrainResult(
-        run_dir=run_dir,
-        adapter_dir=adapter_dir,
-        task=task,
-        metric=best["metric"],
-        best_value=best["value"],
-        best_epoch=best["epoch"],
-        steps=progress["global_step"],
-        history=progress["history"],
-        test_metrics=test_metrics,
-        trainable_parameters=trainable_count,
-        wall_time=wall,
-        stopped_early=stopped_early,
-    )
-    if accelerator.is_main_process:
-        write_json(
-            run_dir / "metrics.json",
-            {
-                "best": best,
-                "history": progress["history"],
-                "test": test_metrics,
-                "train_loss": progress["train_loss"],
-                "steps": progress["global_step"],
-                "trainable_parameters": trainable_count,
-                "wall_time_seconds": round(wall, 1),
-                "stopped_early": stopped_early,
-                "task": task.to_dict(),
-            },
-        )
-        plot_curves(progress, run_dir / "curves.png")
-        print(summary(result))
-    return result
 
 
 def summary(result: TrainResult) -> str:

@@ -1,0 +1,317 @@
+"""The benchmark tables (Markdown) of each result, and the summary block the README embeds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..training.metrics import higher_is_better
+from .cost import TRAIN_KEYS
+from .formatting import (
+    _load_range,
+    environment_line,
+    fmt_bytes,
+    fmt_count,
+    fmt_delta,
+    fmt_ratio,
+    fmt_seconds,
+    fmt_stat,
+    fmt_value,
+    metric_label,
+)
+
+COST_HEADER = (
+    "| method | trainable params | of which LoRA / Conv-LoRA | saved artifact | step time | peak memory "
+    "| merged inference |"
+)
+
+
+def _heading(result: dict[str, Any]) -> list[str]:
+    lines = [f"## {result['name']}", ""]
+    return lines + ([result["description"], ""] if result.get("description") else [])
+
+
+def _footer(result: dict[str, Any]) -> list[str]:
+    """Machine, command and plot of a result, the end of its section."""
+    command = result.get("command") or "unknown"
+    return ["", environment_line(result), "", f"Command: `{command}`", "", f"![{result['name']}]({result['name']}.png)"]
+
+
+def _setting(result: dict[str, Any], key: str) -> Any:
+    """A setting of the run: the command-line override if one was given, else the config's value."""
+    return result.get("overrides", {}).get(key) or result["config"][key]
+
+
+def quality_markdown(result: dict[str, Any]) -> str:
+    """Tables of a quality result: main metric per domain and arm, every reported metric, run facts."""
+    summary = result["summary"]
+    arms = [a["name"] for a in result["config"]["arms"]]
+    seeds = _setting(result, "seeds")
+    steps = _setting(result, "max_steps")
+    lines = _heading(result)
+    lines += [
+        f"Test-split metrics, mean ± sample std over seeds {seeds}; {steps} optimiser steps per run; the best "
+        "checkpoint on the validation split is scored. Δ is the difference of means to the baseline arm with its "
+        "standard error; it says *better*/*worse* only when |Δ| > 2 SE, else *tie*.",
+        "",
+    ]
+    baseline = summary[0]["baseline"] if summary else None
+    if len(summary) > 1:
+        lines += _by_domain_table(summary, arms, baseline)
+    for row in summary:
+        lines += ["", f"**{row['domain']}**: every reported metric (Δ against {baseline})", ""]
+        lines += _by_arm_table(row, arms)
+    runs = result["runs"]
+    lines += [
+        "",
+        f"{len(runs)} runs, {sum(1 for r in runs if r.get('reused'))} reused from earlier runs of the same settings; "
+        f"mean run time {sum(r['wall_seconds'] for r in runs) / max(1, len(runs)):.0f} s; "
+        f"load (1 min) during runs {_load_range(runs)}.",
+        *_footer(result),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _by_domain_table(summary: list[dict[str, Any]], arms: list[str], baseline: str | None) -> list[str]:
+    contrast = "conv_lora" if "conv_lora" in arms and baseline and baseline != "conv_lora" else None
+    zero = any("zero_shot" in row for row in summary)
+    header = ["domain", "metric", *(["zero-shot"] if zero else []), *arms]
+    header += [f"conv_lora − {baseline}"] if contrast else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+    for row in summary:
+        main = row["metrics"][0]
+        cells = [row["domain"], metric_label(main)]
+        if zero:
+            cells.append(fmt_value(row.get("zero_shot", {}).get(main)))
+        values = {a: row["arms"][a]["metrics"][main] for a in arms if a in row["arms"]}
+        best = _best(values, main)
+        for arm in arms:
+            text = fmt_stat(values.get(arm, {}))
+            cells.append(f"**{text}**" if arm == best else text)
+        if contrast:
+            cells.append(fmt_delta(row["arms"].get(contrast, {}).get("vs_baseline", {}).get(main)))
+        lines.append("| " + " | ".join(cells) + " |")
+    first = summary[0]["arms"]
+    params = ["trainable params", "", *([""] if zero else [])]
+    params += [fmt_count(first[a]["trainable_parameters"]) if a in first else "–" for a in arms]
+    sizes = ["saved artifact", "", *([""] if zero else [])]
+    sizes += [fmt_bytes(first[a]["adapter_bytes"]) if a in first else "–" for a in arms]
+    extra = [""] if contrast else []
+    lines.append("| " + " | ".join(params + extra) + " |")
+    lines.append("| " + " | ".join(sizes + extra) + " |")
+    lines.append("")
+    note = "Zero-shot: the base model before fine-tuning, prompt-free. " if zero else ""
+    lines.append(f"{note}Bold: best mean per domain. Parameter counts and artifact sizes of {summary[0]['domain']}.")
+    return lines
+
+
+def _best(values: dict[str, dict[str, Any]], metric: str) -> str | None:
+
+    scored = {a: s["mean"] for a, s in values.items() if s.get("mean") is not None}
+    if not scored:
+        return None
+    pick = max if higher_is_better(metric) else min
+    return pick(scored, key=scored.get)
+
+
+def _by_arm_table(row: dict[str, Any], arms: list[str]) -> list[str]:
+    metrics = row["metrics"]
+    header = ["arm", "settings", *(metric_label(m) for m in metrics), f"Δ {metrics[0]}"]
+    header += ["trainable", "artifact", "run time"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    if "zero_shot" in row:
+        cells = ["zero-shot", "base model, no training", *(fmt_value(row["zero_shot"].get(m)) for m in metrics)]
+        lines.append("| " + " | ".join([*cells, "", "0", "–", "–"]) + " |")
+    for arm in arms:
+        entry = row["arms"].get(arm)
+        if entry is None:
+            continue
+        settings = ", ".join(f"{k}={v}" for k, v in entry["conv_lora"].items())
+        if not settings and entry["method"] in ("lora", "conv_lora"):
+            settings = "defaults"
+        cells = [arm, f"{entry['method']} {settings}".strip()]
+        cells += [fmt_stat(entry["metrics"][m]) for m in metrics]
+        cells.append("baseline" if arm == row["baseline"] else fmt_delta(entry["vs_baseline"].get(metrics[0])))
+        cells += [fmt_count(entry["trainable_parameters"]), fmt_bytes(entry["adapter_bytes"])]
+        cells.append(f"{entry['wall_seconds']['mean']:.0f} s")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def cost_markdown(result: dict[str, Any]) -> str:
+    """Tables of a cost result: absolute values, ratios to LoRA, latency side by side, sweeps."""
+    config = result["config"]
+    reference = result["reference"]
+    rows = reference["methods"]
+    any_row = next(iter(rows.values()))
+    model = _setting(result, "model")
+    lines = _heading(result)
+    lines += [
+        f"Model `{model}` at {any_row['image_size']}×{any_row['image_size']}, batch {reference['batch_size']}, "
+        f"{any_row['device']} {any_row['dtype']}, {any_row['threads']} thread(s). Step time: median of "
+        f"{config['timed_steps']} timed optimiser steps after {config['warmup_steps']} warm-up steps (forward, loss, "
+        f"backward, clipping, AdamW). Peak memory: {any_row['memory_source']}, each configuration in a fresh process. "
+        "Saved artifact: what the run exports (adapter, decoder weights, or the full model), without the model card.",
+        "",
+        COST_HEADER,
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method, row in rows.items():
+        lines.append(
+            f"| {method} | {fmt_count(row['trainable_parameters'])} | {fmt_count(row.get('adapter_parameters'))} | "
+            f"{fmt_bytes(row['artifact_bytes'])} | "
+            f"{fmt_seconds(row['step_seconds'])} | {fmt_bytes(row['peak_memory_bytes'])} | "
+            f"{fmt_seconds(row.get('merged_latency_seconds'))} |"
+        )
+    ratios = reference.get("ratios_to_lora") or {}
+    if ratios:
+        lines += ["", "Ratios to LoRA:", "", COST_HEADER, "|---|---:|---:|---:|---:|---:|---:|"]
+        for method, row in ratios.items():
+            cells = [fmt_ratio(row.get(k)) for k in (*TRAIN_KEYS, "merged_latency_seconds")]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    latency = result.get("latency")
+    if latency:
+        lines += [
+            "",
+            f"Inference latency, batch {latency['batch_size']}, eval mode, no_grad; median of {config['latency_runs']} "
+            f"runs after {config['latency_warmup']} warm-up runs, the five models interleaved run by run. Conv-LoRA's "
+            "gate has random weights so that windows are spread over the experts as a load-balanced trained gate "
+            "spreads them (a zero gate would send all of them to the cheapest, scale-1 expert). Full and decoder-only "
+            "fine-tuning run the base architecture.",
+            "",
+            "| model | latency | vs base | vs LoRA merged | extra params after merge |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        extra = latency.get("merged_extra_parameters", {})
+        for name, seconds in latency["seconds"].items():
+            lines.append(
+                f"| {name} | {fmt_seconds(seconds)} | {fmt_ratio(latency['vs_base'][name])} | "
+                f"{fmt_ratio(latency.get('vs_lora_merged', {}).get(name))} | "
+                f"{fmt_count(extra[name]) if name in extra else '–'} |"
+            )
+    for axis, points in result.get("sweeps", {}).items():
+        methods = list(points[0]["methods"])
+        header = [axis] + [f"{m} step" for m in methods] + [f"{m} memory" for m in methods]
+        if "lora" in methods and "conv_lora" in methods:
+            header += ["conv_lora/lora step", "conv_lora/lora memory"]
+        lines += ["", f"Scaling with {axis.replace('_', ' ')} (the other value at the reference point):", "",
+                  "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]  # fmt: skip
+        for point in points:
+            cells = [str(point[axis])]
+            cells += [fmt_seconds(point["methods"][m]["step_seconds"]) for m in methods]
+            cells += [fmt_bytes(point["methods"][m]["peak_memory_bytes"]) for m in methods]
+            if "lora" in methods and "conv_lora" in methods:
+                r = point["ratios_to_lora"]["conv_lora"]
+                cells += [fmt_ratio(r["step_seconds"]), fmt_ratio(r["peak_memory_bytes"])]
+            lines.append("| " + " | ".join(cells) + " |")
+    entries = list(rows.values()) + ([latency] if latency else [])
+    entries += [r for points in result.get("sweeps", {}).values() for p in points for r in p["methods"].values()]
+    lines += [
+        "",
+        f"Load (1 min) around the measurements: {_load_range(entries)} on {result['environment']['machine']['cores']} "
+        "cores; timings on a shared machine are noisy, compare ratios within one table rather than across tables.",
+        *_footer(result),
+    ]
+    if result.get("sweeps"):
+        lines += ["", f"![{result['name']} scaling]({result['name']}_scaling.png)"]
+    return "\n".join(lines) + "\n"
+
+
+SUMMARY_START = "<!-- benchmark-summary:start (generated by `convlora benchmark report`; do not edit) -->"
+
+
+SUMMARY_END = "<!-- benchmark-summary:end -->"
+
+
+def summary_markdown(results: list[dict[str, Any]]) -> str:
+    """The few tables a reader needs first, from every result: main metric per method, cost against LoRA.
+
+    This is the block between the ``benchmark-summary`` markers of the project's README (and
+    ``summary.md``); links point into ``benchmarks/results/`` relative to the repository root.
+    """
+    lines: list[str] = []
+    for result in results:
+        if result["kind"] == "quality" and len(result["summary"]) > 1:
+            lines += _quality_summary(result)
+    for result in results:
+        if result["kind"] == "quality" and len(result["summary"]) == 1:
+            lines += _ablation_summary(result)
+    cost = [r for r in results if r["kind"] == "cost"]
+    if cost:
+        lines += _cost_summary(cost)
+    machines = sorted({environment_line(r).split(";")[0].removeprefix("Machine: ") for r in results})
+    lines += [f"Measured on {' and '.join(machines)}. Every table with its seeds, standard errors, load and "
+              "commit: [`benchmarks/results/README.md`](benchmarks/results/README.md); what is measured and how: "
+              "[`benchmarks/README.md`](benchmarks/README.md)."]  # fmt: skip
+    return "\n".join(lines).strip() + "\n"
+
+
+def _quality_summary(result: dict[str, Any]) -> list[str]:
+    config = result["config"]
+    arms = [a["name"] for a in config["arms"]]
+    baseline = result["summary"][0]["baseline"]
+    seeds = _setting(result, "seeds")
+    steps = _setting(result, "max_steps")
+    lines = [
+        f"**Quality** (`{result['name']}`): test split, mean ± std over {len(seeds)} seeds, {steps} optimiser steps "
+        f"per run, base `{_setting(result, 'model')}`. The last column says whether "
+        f"Conv-LoRA differs from {baseline} by more than two standard errors.",
+        "",
+    ]
+    lines += _by_domain_table(result["summary"], arms, baseline)
+    return [*lines, ""]
+
+
+def _ablation_summary(result: dict[str, Any]) -> list[str]:
+    row = result["summary"][0]
+    main = row["metrics"][0]
+    arms = row["arms"]
+    deltas = ["–" if arm == row["baseline"] else fmt_delta(arms[arm]["vs_baseline"].get(main)) for arm in arms]
+    lines = [
+        f"**Conv-LoRA's choices** (`{result['name']}`, {row['domain']}, {metric_label(main)}, Δ against "
+        f"{row['baseline']}):",
+        "",
+        "| arm | " + " | ".join(row["arms"]) + " |",
+        "|---|" + "---:|" * len(row["arms"]),
+        f"| {main} | " + " | ".join(fmt_stat(e["metrics"][main]) for e in row["arms"].values()) + " |",
+        "| Δ | " + " | ".join(deltas) + " |",
+        "",
+    ]
+    return lines
+
+
+def _cost_summary(results: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "**Cost of Conv-LoRA against LoRA** (same targets and rank; train step with loss, backward and AdamW; "
+        "inference with both adapters merged into the base):",
+        "",
+        "| experiment | model, input, batch | Conv-LoRA step | vs LoRA | peak memory | vs LoRA | merged inference "
+        "vs LoRA merged | adapter tensors vs LoRA |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        rows = result["reference"]["methods"]
+        if "conv_lora" not in rows or "lora" not in rows:
+            continue
+        conv, ratio = rows["conv_lora"], result["reference"]["ratios_to_lora"]["conv_lora"]
+        model = _setting(result, "model")
+        latency = (result.get("latency") or {}).get("vs_lora_merged", {}).get("conv_lora_merged")
+        lines.append(
+            f"| {result['name']} | `{model}`, {conv['image_size']} px, {result['reference']['batch_size']} | "
+            f"{fmt_seconds(conv['step_seconds'])} | {fmt_ratio(ratio.get('step_seconds'))} | "
+            f"{fmt_bytes(conv['peak_memory_bytes'])} | {fmt_ratio(ratio.get('peak_memory_bytes'))} | "
+            f"{fmt_ratio(latency)} | {fmt_ratio(ratio.get('adapter_parameters'))} |"
+        )
+    return [*lines, ""]
+
+
+def replace_summary(text: str, summary: str, *, where: str = "README.md") -> str:
+    """``text`` with the block between the summary markers replaced by ``summary``.
+
+    >>> replace_summary(f"a\\n{SUMMARY_START}\\nold\\n{SUMMARY_END}\\nb", "new\\n").splitlines()[2]
+    'new'
+    """
+    if SUMMARY_START not in text or SUMMARY_END not in text:
+        raise ValueError(f"{where} has no benchmark summary markers ({SUMMARY_START!r} ... {SUMMARY_END!r})")
+    head, rest = text.split(SUMMARY_START, 1)
+    _, tail = rest.split(SUMMARY_END, 1)
+    return f"{head}{SUMMARY_START}\n{summary}{SUMMARY_END}{tail}"
