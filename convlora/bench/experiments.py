@@ -71,6 +71,8 @@ class QualityExperiment:
         arms: the contestants (dicts with ``method``, optional ``name`` and ``conv_lora``).
         seeds: training seeds (data order, augmentation, initialisation, gate noise).
         max_steps: optimiser steps of every run (the same budget for every arm).
+        domain_steps: per domain, a step budget instead of ``max_steps`` (still the same for every arm), for
+            domains that need longer to converge (the multi-class scene).
         model: base SAM for the synthetic data; ``None`` uses the recipe's (the embedded ``convlora-tiny``). Runs on
             real data (``--data-dir``) use the recipe's real checkpoint unless ``--model`` says otherwise.
         data: synthetic data settings: ``train``/``val``/``test`` counts, ``size``, ``seed``, ``square``.
@@ -87,6 +89,7 @@ class QualityExperiment:
     arms: list[Arm] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     max_steps: int | None = 120
+    domain_steps: dict[str, int] = field(default_factory=dict)
     model: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
@@ -118,6 +121,12 @@ class QualityExperiment:
             raise ValueError(f"{self.name}: seeds must be a non-empty list of non-negative integers, got {self.seeds}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"{self.name}: max_steps must be >= 1 or null (the recipe's epochs), got {self.max_steps}")
+        outside = sorted(set(self.domain_steps) - set(self.domains))
+        if outside:
+            raise ValueError(f"{self.name}: domain_steps names domains that are not in domains: {outside}")
+        bad = {d: s for d, s in self.domain_steps.items() if not isinstance(s, int) or isinstance(s, bool) or s < 1}
+        if bad:
+            raise ValueError(f"{self.name}: domain_steps must map domains to step counts >= 1, got {bad}")
         unknown_data = sorted(set(self.data) - {"train", "val", "test", "size", "seed", "square"})
         if unknown_data:
             raise ValueError(
@@ -130,6 +139,10 @@ class QualityExperiment:
         settings: dict[str, Any] = {**recipe(domain).synthetic_sizes, "size": 128, "seed": 0, "square": False}
         settings.update(self.data)
         return settings
+
+    def steps_for(self, domain: str) -> int | None:
+        """The step budget of ``domain``'s runs: ``domain_steps[domain]``, else ``max_steps``."""
+        return self.domain_steps.get(domain, self.max_steps)
 
     def metrics_for(self, domain: str) -> list[str]:
         """Metrics reported for ``domain``: ``report_metrics[domain]``, else the recipe's main metric."""

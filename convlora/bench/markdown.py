@@ -41,15 +41,24 @@ def _setting(result: dict[str, Any], key: str) -> Any:
     return result.get("overrides", {}).get(key) or result["config"][key]
 
 
+def _steps_text(result: dict[str, Any]) -> str:
+    """The step budget of a quality result's runs, with the domains that had their own."""
+    text = f"{_setting(result, 'max_steps')} optimiser steps"
+    own = {} if result.get("overrides", {}).get("max_steps") else result["config"].get("domain_steps", {})
+    if own:
+        text += " (" + ", ".join(f"{domain}: {steps}" for domain, steps in own.items()) + ")"
+    return text
+
+
 def quality_markdown(result: dict[str, Any]) -> str:
     """Tables of a quality result: main metric per domain and arm, every reported metric, run facts."""
     summary = result["summary"]
     arms = [a["name"] for a in result["config"]["arms"]]
     seeds = _setting(result, "seeds")
-    steps = _setting(result, "max_steps")
+    steps = _steps_text(result)
     lines = _heading(result)
     lines += [
-        f"Test-split metrics, mean ± sample std over seeds {seeds}; {steps} optimiser steps per run; the best "
+        f"Test-split metrics, mean ± sample std over seeds {seeds}; {steps} per run; the best "
         "checkpoint on the validation split is scored. Δ is the difference of means to the baseline arm with its "
         "standard error; it says *better*/*worse* only when |Δ| > 2 SE, else *tie*.",
         "",
@@ -250,9 +259,8 @@ def _quality_summary(result: dict[str, Any]) -> list[str]:
     arms = [a["name"] for a in config["arms"]]
     baseline = result["summary"][0]["baseline"]
     seeds = _setting(result, "seeds")
-    steps = _setting(result, "max_steps")
     lines = [
-        f"**Quality** (`{result['name']}`): test split, mean ± std over {len(seeds)} seeds, {steps} optimiser steps "
+        f"**Quality** (`{result['name']}`): test split, mean ± std over {len(seeds)} seeds, {_steps_text(result)} "
         f"per run, base `{_setting(result, 'model')}`. The last column says whether "
         f"Conv-LoRA differs from {baseline} by more than two standard errors.",
         "",

@@ -243,6 +243,7 @@ def run_quality(
     data_dir: Path | None = None,
     max_steps: int | None = None,
     seeds: list[int] | None = None,
+    domains: list[str] | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
     """Run (or reuse) every run of a quality experiment and summarise it.
@@ -254,17 +255,21 @@ def run_quality(
         data_dir: real datasets, one folder per domain; the recipes' real-data settings are used then.
         max_steps: step budget instead of the experiment's; 0 means the recipe's epochs.
         seeds: seeds instead of the experiment's.
+        domains: run only these of the experiment's domains.
         log: where progress lines go.
 
     Returns:
-        ``{"runs": [...], "zero_shot": {domain: metrics}, "summary": [...]}``.
+        ``{"runs": [...], "zero_shot": {domain: metrics}, "summary": [...]}`` for the domains that ran.
     """
     seeds = seeds or experiment.seeds
-    budget = experiment.max_steps if max_steps is None else (max_steps or None)
+    chosen = experiment.domains if domains is None else [d for d in experiment.domains if d in domains]
+    if domains is not None and len(chosen) != len(set(domains)):
+        raise ValueError(f"--domains {sorted(set(domains) - set(chosen))} are not domains of {experiment.name}")
     runs = []
     zero_shots = {}
-    total = len(experiment.domains) * len(experiment.arms) * len(seeds)
-    for domain in experiment.domains:
+    total = len(chosen) * len(experiment.arms) * len(seeds)
+    for domain in chosen:
+        budget = experiment.steps_for(domain) if max_steps is None else (max_steps or None)
         data = dataset_for(experiment, domain, work_dir, data_dir)
         fields = train_fields(
             experiment, domain, experiment.arms[0], 0, data, real=data_dir is not None, model=model, max_steps=budget
@@ -291,4 +296,18 @@ def run_quality(
     for record in [*runs, *zero_shots.values()]:
         record.pop("fields", None)
     zero = {domain: record["test_metrics"] for domain, record in zero_shots.items()}
+    return {"runs": runs, "zero_shot": zero, "summary": summarize(experiment, runs, zero_shots)}
+
+
+def merge_domains(experiment: QualityExperiment, earlier: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The results of ``new`` (some domains re-run) laid over an ``earlier`` result of the same experiment.
+
+    The other domains' runs and zero-shot scores are kept as they were; the summary is recomputed over all.
+    """
+    ran = {record["domain"] for record in new["runs"]}
+    runs = [r for r in earlier["runs"] if r["domain"] not in ran] + new["runs"]
+    zero = {d: m for d, m in earlier.get("zero_shot", {}).items() if d not in ran} | new["zero_shot"]
+    order = {d: i for i, d in enumerate(experiment.domains)}
+    runs.sort(key=lambda r: order.get(r["domain"], len(order)))
+    zero_shots = {d: {"test_metrics": m} for d, m in zero.items()}
     return {"runs": runs, "zero_shot": zero, "summary": summarize(experiment, runs, zero_shots)}

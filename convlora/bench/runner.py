@@ -10,6 +10,7 @@ every measurement; ``convlora benchmark report`` turns the JSON files into Markd
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -22,7 +23,7 @@ from .._io import write_json
 from .cost import run_cost
 from .environment import environment, load_average, set_threads
 from .experiments import CostExperiment, Experiment, experiment_to_dict, load_experiment
-from .quality import run_quality
+from .quality import merge_domains, run_quality
 from .report import write_report
 from .schema import SCHEMA
 
@@ -40,6 +41,7 @@ def run_experiment(
     data_dir: str | Path | None = None,
     max_steps: int | None = None,
     seeds: list[int] | None = None,
+    domains: list[str] | None = None,
     device: str | None = None,
     fresh: bool = False,
     command: str | None = None,
@@ -55,6 +57,8 @@ def run_experiment(
         data_dir: real datasets, one folder per domain (quality).
         max_steps: step budget instead of the config's (quality).
         seeds: seeds instead of the config's (quality).
+        domains: re-run only these domains (quality) and merge them into the existing result file, whose
+            other domains are kept; the record says which domains came from which commit.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (cost; quality runs use the engine's device choice).
         fresh: measure cost again instead of reusing cached measurements.
         command: the command line to record.
@@ -75,8 +79,22 @@ def run_experiment(
             data_dir=Path(data_dir) if data_dir is not None else None,
             max_steps=max_steps,
             seeds=seeds,
+            domains=domains,
             log=log,
         )
+    path = Path(results_dir) / f"{experiment.name}.json"
+    provenance: dict[str, Any] = {}
+    if domains is not None and not isinstance(experiment, CostExperiment):
+        if not path.is_file():
+            raise ValueError(f"--domains re-runs part of an experiment: {path} must already hold the rest")
+        earlier = json.loads(path.read_text())
+        results = merge_domains(experiment, earlier, results)
+        kept = {d: c for d, c in earlier.get("domain_commits", {}).items() if d not in domains}
+        previous = (earlier.get("environment", {}).get("commit") or {}).get("sha")
+        provenance["domain_commits"] = {
+            d: kept.get(d, previous) if d not in domains else (env.get("commit") or {}).get("sha")
+            for d in experiment.domains
+        }
     overrides = {"model": model, "data_dir": str(data_dir) if data_dir else None, "max_steps": max_steps,
                  "seeds": seeds, "device": device}  # fmt: skip
     record = {
@@ -93,8 +111,8 @@ def run_experiment(
         "load_before": load_before,
         "load_after": load_average(),
         **results,
+        **provenance,
     }
-    path = Path(results_dir) / f"{experiment.name}.json"
     write_json(path, record)
     log(f"wrote {path}")
     return path
@@ -119,6 +137,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-steps", type=int, default=None, help="optimiser steps per quality run (0: the recipe's epochs)"
     )
     run.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the quality runs")
+    run.add_argument(
+        "--domains",
+        nargs="+",
+        default=None,
+        help="re-run only these quality domains; the others are kept from the existing result file",
+    )
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="device of cost runs")
     run.add_argument("--fresh", action="store_true", help="measure cost again instead of reusing cached results")
     run.add_argument("--no-report", action="store_true", help="do not regenerate the tables and plots")
@@ -174,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir=args.data_dir,
             max_steps=args.max_steps,
             seeds=args.seeds,
+            domains=args.domains,
             device=args.device,
             fresh=args.fresh,
             command=command,
