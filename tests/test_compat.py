@@ -41,10 +41,13 @@ def test_a_merged_checkpoint_of_version_0_1_gives_the_masks_it_gave_then(expecte
     torch.testing.assert_close(_logits(model, expected["pixel_values"]), expected["merged_logits"], atol=0, rtol=0)
 
 
-def test_a_training_checkpoint_of_version_0_1_resumes_to_the_end_of_its_run(tmp_path):
+def test_a_training_checkpoint_of_version_0_1_resumes_to_the_end_of_its_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(FIXTURE.parents[2])  # the old adapter names its base relative to the repository
     write_dataset("polyp", tmp_path / "data", train=8, val=2, test=0, size=64, seed=0)
     run = tmp_path / "run"
+    # the run folder as the old run left it at step 2: its checkpoint and the best model so far
     shutil.copytree(FIXTURE / "checkpoint", run / "checkpoints" / "step-00000002")
+    shutil.copytree(FIXTURE / "adapter", run / "adapter")
     config = load_config(
         data=str(tmp_path / "data"), model=str(FIXTURE / "base"), output_dir=str(run), epochs=2, batch_size=4,
         lr=3e-3, save_every_steps=2, keep_checkpoints=5, overlay_samples=0, conv_lora={"r": 2, "num_experts": 2},
