@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random SAM models, and bitwise-reproducible CPU math.
+"""Shared fixtures: tiny random SAM models (one saved copy for the whole run), and bitwise-reproducible CPU math.
 
 MKL picks matrix kernels by memory alignment, so two identical models in different memory can differ in
 the last bit (about 1e-7). MKL's conditional numerical reproducibility mode removes that, which lets the
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from convlora.models import random_sam, tiny_sam_config
+from convlora.synthetic import write_dataset
 
 
 @pytest.fixture(autouse=True)
@@ -45,3 +46,19 @@ def make_sam(sam_config):
 def images() -> torch.Tensor:
     """A batch of two random 64x64 images."""
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_dir(tmp_path_factory):
+    """One saved tiny random SAM (``random_sam(tiny_sam_config(), seed=0)``) shared by every test module."""
+    path = tmp_path_factory.mktemp("shared") / "sam"
+    random_sam(tiny_sam_config(), seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def polyp_dir(tmp_path_factory):
+    """One generated 64 px polyp dataset (8 train, 4 val, 4 test images) shared by every test module."""
+    path = tmp_path_factory.mktemp("shared") / "polyp"
+    write_dataset("polyp", path, train=8, val=4, test=4, size=64, seed=0)
+    return path

@@ -9,7 +9,6 @@ import pytest
 from convlora.bench import experiment_from_dict, main
 from convlora.bench.cost import ratios
 from convlora.bench.quality import mean_std
-from convlora.models import random_sam, tiny_sam_config
 
 pytestmark = pytest.mark.slow
 
@@ -17,10 +16,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> Path:
+def smoke(tmp_path_factory, tiny_sam_dir) -> Path:
     """One quality and one cost experiment of the runner on a stand-in tiny SAM, results in ``root/results``."""
     root = tmp_path_factory.mktemp("bench")
-    random_sam(tiny_sam_config(), seed=0).save_pretrained(root / "sam")
+    (root / "sam").symlink_to(tiny_sam_dir)
     quality = {
         "name": "smoke_quality",
         "kind": "quality",

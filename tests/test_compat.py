@@ -32,13 +32,14 @@ def _logits(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
 def test_an_adapter_folder_of_version_0_1_gives_the_masks_it_gave_then(expected):
     model, task = load_trained(FIXTURE / "adapter", base_model=str(FIXTURE / "base"))
     assert task.method == "conv_lora" and task.image_size == 64
-    assert torch.equal(_logits(model, expected["pixel_values"]), expected["adapter_logits"])
+    # the expert mixture now routes densely (no data-dependent shapes): the same sums in another order
+    torch.testing.assert_close(_logits(model, expected["pixel_values"]), expected["adapter_logits"], atol=1e-6, rtol=0)
 
 
 def test_a_merged_checkpoint_of_version_0_1_gives_the_masks_it_gave_then(expected):
     model, task = load_trained(FIXTURE / "merged")
     assert task.merged
-    torch.testing.assert_close(_logits(model, expected["pixel_values"]), expected["merged_logits"], atol=0, rtol=0)
+    torch.testing.assert_close(_logits(model, expected["pixel_values"]), expected["merged_logits"], atol=1e-6, rtol=0)
 
 
 def test_a_training_checkpoint_of_version_0_1_resumes_to_the_end_of_its_run(tmp_path, monkeypatch):

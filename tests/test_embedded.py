@@ -42,6 +42,7 @@ def embedded():
     return assets.load_embedded("convlora-tiny")
 
 
+@pytest.mark.slow
 def test_embedded_model_loads_by_name_in_a_fresh_offline_process(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "empty-hf-home"))
     code = (

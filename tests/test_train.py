@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +24,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def workspace(tmp_path_factory, tiny_sam_dir) -> Path:
     root = tmp_path_factory.mktemp("train")
-    random_sam(tiny_sam_config(), seed=0).save_pretrained(root / "sam")
+    (root / "sam").symlink_to(tiny_sam_dir)
     write_dataset("polyp", root / "polyp", train=16, val=6, test=6, size=64, seed=0)
     write_dataset("scene", root / "scene", train=12, val=4, test=4, size=64, seed=0)
     # square images: no ignored padding, so per-batch loss means do not depend on how a batch is split
@@ -126,17 +124,26 @@ def test_multiclass_training_with_many_classes(workspace):
 
 
 @pytest.mark.parametrize("method", ["lora", "decoder", "full"])
-def test_every_method_trains_with_the_same_engine_and_reloads(workspace, method):
+def test_every_method_trains_with_the_same_engine_and_reloads_to_the_same_predictions(workspace, method):
     result = train(config(workspace, f"m-{method}", "--method", method, "--epochs", "1"), show_progress=False)
     assert result.task.method == method
-    model = Segmenter.from_pretrained(result.adapter_dir).model
     trained = {
         "lora": "adapter_model.safetensors",
         "decoder": "decoder_model.safetensors",
         "full": "model.safetensors",
     }[method]
     assert (result.adapter_dir / trained).is_file()
-    assert model is not None
+    # the reloaded model reproduces the engine's own test scores of the best model, and differs from the base
+    scores = evaluate(result.adapter_dir, workspace / "polyp")
+    for name, value in result.test_metrics.items():
+        assert scores[name] == pytest.approx(value, abs=1e-6), name
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    model = Segmenter.from_pretrained(result.adapter_dir).model
+    base = random_sam(tiny_sam_config(), seed=0).eval()
+    with torch.no_grad():
+        ours = model(pixel_values=image, multimask_output=False).pred_masks
+        theirs = base(pixel_values=image, multimask_output=False).pred_masks
+    assert not torch.allclose(ours, theirs)
 
 
 def test_two_processes_with_batch_two_equal_one_process_with_batch_four(workspace):
@@ -184,48 +191,6 @@ def test_two_processes_with_batch_two_equal_one_process_with_batch_four(workspac
     ma = json.loads((workspace / "ddp" / "metrics.json").read_text())["history"][-1]
     mb = json.loads((workspace / "single" / "metrics.json").read_text())["history"][-1]
     assert ma["iou"] == pytest.approx(mb["iou"], abs=1e-4)
-
-
-def test_a_killed_run_resumes_to_the_same_adapter_bit_for_bit(workspace):
-    args = [
-        sys.executable,
-        "-m",
-        "convlora",
-        "train",
-        "--model",
-        str(workspace / "sam"),
-        "--data",
-        str(workspace / "polyp"),
-    ]
-    args += ["--epochs", "3", "--batch_size", "2", "--lr", "3e-3", "--save_every_steps", "1", "--no-progress"]
-    args += ["--overlay_samples", "0", "--augment.scale", "[0.8, 1.2]", "--augment.color_jitter", "0.2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    whole = subprocess.run([*args, "--output_dir", str(workspace / "whole")], env=env, capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-
-    out = workspace / "killed"
-    process = subprocess.Popen(
-        [*args, "--output_dir", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not (out / "checkpoints" / "step-00000011").exists():
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert (out / "checkpoints" / "step-00000011").exists(), "the run never reached step 11"
-    assert not (out / "metrics.json").exists(), "the run finished before it was killed"
-
-    resumed = subprocess.run(
-        [*args, "--output_dir", str(out), "--resume", "latest"], env=env, capture_output=True, text=True
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming from" in resumed.stdout
-    a = load_file(workspace / "whole" / "adapter" / "adapter_model.safetensors")
-    b = load_file(out / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    history_a = json.loads((workspace / "whole" / "metrics.json").read_text())["history"]
-    history_b = json.loads((out / "metrics.json").read_text())["history"]
-    assert history_a == history_b
 
 
 def test_a_new_run_refuses_a_folder_holding_another_run(workspace):

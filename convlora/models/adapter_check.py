@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from peft import PeftConfig, get_peft_model_state_dict
 from safetensors import safe_open
 from torch import nn
@@ -151,6 +150,3 @@ def check_adapter_complete(model: nn.Module, directory: str | Path) -> None:
         )
 
 
-def tensors_equal_shapes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    """Whether two state dicts have the same keys and shapes."""
-    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)

@@ -30,7 +30,7 @@ from .._io import atomic_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
+IGNORE_INDEX = 255  # the label of pixels no loss or metric counts (VOC's boundary value)
 
 # Colours of class ids 1, 2, ... in overlays (cycled beyond its length); class 0 and the ignore index stay
 # uncoloured. Chosen to stay distinguishable from each other and on natural images.

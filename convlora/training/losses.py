@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-IGNORE_INDEX = 255
+from ..models.processing import IGNORE_INDEX
 
 
 def _check_inputs(logits: torch.Tensor, target: torch.Tensor, binary: bool, ignore_index: int) -> None:

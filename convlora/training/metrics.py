@@ -56,7 +56,8 @@ from typing import Any
 import numpy as np
 import torch
 
-IGNORE_INDEX = 255
+from ..models.processing import IGNORE_INDEX
+
 E_MEASURE_THRESHOLDS = 256  # thresholds of an 8-bit map, as in py_sod_metrics
 
 
