@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,11 +15,14 @@ Handler = Callable[[argparse.Namespace], int]
 def _add_params(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "params",
-        help="parameter counts of LoRA and Conv-LoRA on real SAM ViT-B/L/H shapes (no weights needed)",
-        description="Build SAM ViT-B/L/H on the meta device (nothing is allocated or downloaded), inject LoRA and "
-        "Conv-LoRA with the given settings, and print their parameter counts as a Markdown table.",
+        help="parameter counts of LoRA and Conv-LoRA on real SAM / SAM 2 / SAM 3 shapes (no weights needed)",
+        description="Build the released variants of a model family (SAM ViT-B/L/H, SAM 2.1 Hiera, SAM 3) on the "
+        "meta device (nothing is allocated or downloaded), inject LoRA and Conv-LoRA with the given settings, "
+        "and print their parameter counts as a Markdown table.",
     )
-    parser.add_argument("--variants", nargs="+", default=["vit-b", "vit-l", "vit-h"], help="SAM variants")
+    parser.add_argument("--family", choices=["sam", "sam2", "sam3"], default="sam", help="model family")
+    parser.add_argument("--variants", nargs="+", default=None, help="variants (default: all of the family)")
+    parser.add_argument("--preset", default=None, help="target preset of the family (default: qkv)")
     parser.add_argument("--r", type=int, default=None, help="LoRA rank (default: ConvLoraConfig's)")
     parser.add_argument("--num-experts", type=int, default=None, help="conv experts (default: ConvLoraConfig's)")
     parser.add_argument("--expert-conv", choices=["full", "depthwise"], default=None, help="expert conv type")
@@ -27,21 +31,29 @@ def _add_params(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_params(args: argparse.Namespace) -> int:
     from .models import parameter_counts
+    from .models.params import FAMILY_VARIANTS
     from .tuner.config import ConvLoraConfig
 
-    overrides = {"r": args.r, "num_experts": args.num_experts, "expert_conv": args.expert_conv}
+    overrides = {
+        "r": args.r,
+        "num_experts": args.num_experts,
+        "expert_conv": args.expert_conv,
+        "target_preset": args.preset,
+        "family": args.family if args.preset else None,
+    }
     config = ConvLoraConfig(**{k: v for k, v in overrides.items() if v is not None})
+    variants = args.variants or list(FAMILY_VARIANTS[args.family])
     print(
         f"Settings: r={config.r}, lora_alpha={config.lora_alpha}, {config.num_experts} experts "
-        f"(scales {config.expert_scales}), {config.expert_conv} 3x3 convs, targets: qkv of every encoder layer; "
-        "the mask decoder is trained in full.\n"
+        f"(scales {config.expert_scales}), {config.expert_conv} 3x3 convs, targets: "
+        f"{config.target_preset or 'qkv'} of every encoder layer; the mask decoder is trained in full.\n"
     )
     print("| SAM | model params | method | adapter params | of which conv experts + gates | "
           "mask decoder | trainable | extra params after merge |")  # fmt: skip
     print("|---|---:|---|---:|---:|---:|---:|---:|")
-    for variant in args.variants:
+    for variant in variants:
         for plain in (True, False):
-            c = parameter_counts(variant, copy.deepcopy(config), plain_lora=plain)
+            c = parameter_counts(variant, copy.deepcopy(config), plain_lora=plain, family=args.family)
             method = "LoRA" if plain else "Conv-LoRA"
             print(
                 f"| {variant} | {c['model']:,} | {method} | {c['adapter']:,} | {c['conv_experts']:,} | "
@@ -53,26 +65,111 @@ def _run_params(args: argparse.Namespace) -> int:
 def _add_train(subparsers: argparse._SubParsersAction) -> None:
     from .training.config import TrainConfig
 
-    fields = "\n".join(f"  {f}" for f in TrainConfig.__dataclass_fields__)
     parser = subparsers.add_parser(
         "train",
         help="fine-tune SAM on a dataset (Conv-LoRA, LoRA, decoder-only or full)",
-        description="Fine-tune SAM with Accelerate. Settings come from an optional JSON/TOML config file, then "
-        "from --key value overrides (nested: --conv_lora.r 4, --augment.hflip false). Run several processes "
-        "with `accelerate launch -m convlora train ...`.",
-        epilog="config keys (see the documentation for each):\n" + fields,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune SAM with Accelerate. Settings come from an optional JSON/TOML config file (the keys "
+        "below), then from --key value options, which win. Values are read as JSON where they parse (numbers, "
+        "true/false, null, lists); nested settings take a dot: --conv_lora.r 4, --augment.hflip 0. Unset values "
+        "are resolved at the start and printed. Run several processes with `accelerate launch -m convlora train`.",
+        usage="%(prog)s [-h] [--config FILE] [--no-progress] [--KEY VALUE ...] [--NESTED.KEY VALUE ...]",
+        allow_abbrev=False,  # --epoch must not silently mean --epochs
     )
-    parser.add_argument("--config", default=None, help="JSON or TOML config file (keys as listed below)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run = parser.add_argument_group("command")
+    run.add_argument("--config", default=None, help="JSON or TOML config file holding any of the keys below")
+    run.add_argument(
+        "--no-progress", action="store_true", help="no progress output (bars on a terminal, plain lines otherwise)"
+    )
+    add_config_options(parser, TrainConfig)
     parser.set_defaults(handler=_run_train, accepts_overrides=True)
+
+
+_OPTION_PREFIX = "config_field:"
+_METAVARS = {str: "TEXT", int: "INT", float: "NUMBER", bool: "BOOL", dict: "JSON", list: "JSON", tuple: "JSON"}
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--FIELD VALUE`` option per field of a config dataclass, in argument groups by ``group`` metadata.
+
+    Type, default and help come from the dataclass (see :func:`convlora.training.config.option`); the values
+    are kept as typed text and parsed and validated by ``load_config``, so the options only describe them.
+
+    Args:
+        parser: the subcommand's parser.
+        cls: the config dataclass (``TrainConfig``).
+
+    >>> from convlora.training.config import TrainConfig
+    >>> parser = argparse.ArgumentParser(allow_abbrev=False)
+    >>> add_config_options(parser, TrainConfig)
+    >>> config_overrides(parser.parse_args(["--lr", "3e-4"]))
+    ['--lr', '3e-4']
+    """
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    order = getattr(sys.modules[cls.__module__], "GROUPS", ())
+    for name in order:
+        groups[name] = parser.add_argument_group(f"{name} settings")
+    for f in dataclasses.fields(cls):
+        group_name = f.metadata.get("group", "other")
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(f"{group_name} settings")
+        action = groups[group_name].add_argument(
+            f"--{f.name}",
+            dest=_OPTION_PREFIX + f.name,
+            default=argparse.SUPPRESS,
+            metavar=_metavar(hints[f.name], f.metadata.get("choices")),
+            help=f"{f.metadata.get('help', '')} ({_default_text(f)})".replace("%", "%%"),
+        )
+        # for the generated CLI reference, which has a column for each
+        action.field_help, action.field_default = f.metadata.get("help", ""), _default_text(f)
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--FIELD VALUE`` options given on the command line, as ``load_config`` overrides."""
+    found = []
+    for dest, value in vars(args).items():
+        if dest.startswith(_OPTION_PREFIX):
+            found += [f"--{dest.removeprefix(_OPTION_PREFIX)}", value]
+    return found
+
+
+def _metavar(annotation: object, choices: tuple[str, ...] | None) -> str:
+    import types
+    import typing
+
+    if choices:
+        return "{" + ",".join(choices) + "}"
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] if union else [annotation]
+    names = [_METAVARS.get(typing.get_origin(a) or a, "VALUE") for a in options]  # type: ignore[call-overload]
+    return "|".join(dict.fromkeys(names))
+
+
+def _default_text(f: object) -> str:
+    import dataclasses
+
+    assert isinstance(f, dataclasses.Field)
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        value = f.default
+    if value == "" and f.name == "data":
+        return "required"
+    if value is None:
+        return "default: unset"
+    if isinstance(value, bool):
+        return f"default: {str(value).lower()}"
+    return f"default: {json.dumps(value) if isinstance(value, (dict, list)) else value}"
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from .training.config import load_config
     from .training.engine import train
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, config_overrides(args) + args.overrides)
     try:
         train(config, show_progress=not args.no_progress)
     finally:
@@ -89,18 +186,36 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _add_tile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tile", type=int, default=None, metavar="SIZE",
+        help="segment images in SIZE x SIZE windows of the original pixels (for images far larger than the "
+        "model input); default: the whole image at once",
+    )  # fmt: skip
+    parser.add_argument("--overlap", type=int, default=0, metavar="PX", help="pixels shared by neighbouring windows")
+
+
 def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate",
         help="metrics of a trained model on a labelled dataset",
         description="Evaluate a trained model folder (RUN/adapter, or a merged model) on a labelled dataset "
-        "folder or CSV, at every image's original resolution. Uses the test/ split when the data has one.",
+        "folder or CSV, at every image's original resolution. Uses the test/ split when the data has one. "
+        "With --prompt, every ground-truth object is prompted (prompts drawn under a fixed seed) and scored "
+        "per object; --compare-base scores the base SAM under the same prompts.",
     )
     parser.add_argument("--model", required=True, help="trained model folder (e.g. runs/polyp/adapter)")
     parser.add_argument("--data", required=True, help="labelled dataset folder or CSV")
     parser.add_argument("--base-model", default=None, help="SAM checkpoint to use instead of the recorded one")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    _add_tile_arguments(parser)
+    parser.add_argument(
+        "--prompt", choices=["none", "box", "point", "box_point"], default="none",
+        help="prompted evaluation: prompts derived from the ground truth (default: prompt-free)",
+    )  # fmt: skip
+    parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the derived prompts")
+    parser.add_argument("--compare-base", action="store_true", help="also score the base SAM under the same prompts")
     parser.set_defaults(handler=_run_evaluate)
 
 
@@ -108,9 +223,22 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from ._io import write_json
     from .inference import evaluate
 
-    scores = evaluate(args.model, args.data, base_model=args.base_model, batch_size=args.batch_size)
-    for name, value in scores.items():
-        print(f"{name}: {value:.4f}")
+    scores = evaluate(
+        args.model,
+        args.data,
+        base_model=args.base_model,
+        batch_size=args.batch_size,
+        tile=args.tile,
+        overlap=args.overlap,
+        prompt=None if args.prompt == "none" else args.prompt,
+        prompt_settings={"seed": args.prompt_seed},
+        compare_base=args.compare_base,
+    )
+    tables = scores if args.compare_base else {"": scores}
+    for title, table in tables.items():
+        prefix = f"{title}." if title else ""
+        for name, value in table.items():
+            print(f"{prefix}{name}: {value:.4f}")
     if args.output:
         write_json(args.output, scores)
     return 0
@@ -119,15 +247,22 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "predict",
-        help="segment a folder of images (no ground truth needed)",
+        help="segment a folder of images (no ground truth needed), prompt-free or with box/point prompts",
         description="Write one mask PNG per image at the image's original size (binary: 0/255, multi-class: "
-        "class ids) to OUTPUT/masks/, coloured overlays to OUTPUT/overlays/, and OUTPUT/predictions.json.",
+        "class ids) to OUTPUT/masks/, coloured overlays to OUTPUT/overlays/, and OUTPUT/predictions.json. "
+        "With --prompts, one mask per prompt (OUTPUT/masks/<image>_<i>.png) and overlays with the prompts drawn; "
+        "--model may then also be a SAM checkpoint or an embedded name (vanilla SAM).",
     )
     parser.add_argument("--model", required=True, help="trained model folder (e.g. runs/polyp/adapter)")
     parser.add_argument("--images", required=True, help="folder of images, or a CSV with an image column")
     parser.add_argument("--output", required=True, help="output folder (replaced atomically)")
     parser.add_argument("--base-model", default=None, help="SAM checkpoint to use instead of the recorded one")
     parser.add_argument("--no-overlays", action="store_true", help="write masks only")
+    parser.add_argument(
+        "--prompts", default=None,
+        help="JSON file mapping image file names to {boxes, points, point_labels}, or a COCO file with bbox entries",
+    )  # fmt: skip
+    _add_tile_arguments(parser)
     parser.set_defaults(handler=_run_predict)
 
 
@@ -135,9 +270,17 @@ def _run_predict(args: argparse.Namespace) -> int:
     from .inference import predict_folder
 
     done = predict_folder(
-        args.model, args.images, args.output, base_model=args.base_model, overlays=not args.no_overlays
+        args.model,
+        args.images,
+        args.output,
+        base_model=args.base_model,
+        overlays=not args.no_overlays,
+        prompts=args.prompts,
+        tile=args.tile,
+        overlap=args.overlap,
     )
-    print(f"Wrote {done['count']} masks to {done['output_dir']}")
+    what = f"the prompted masks of {done['count']} images" if args.prompts else f"{done['count']} masks"
+    print(f"Wrote {what} to {done['output_dir']}")
     return 0
 
 
@@ -162,6 +305,43 @@ def _run_merge(args: argparse.Namespace) -> int:
         f"Merged {done['method']} adapter into {done['output_dir']}; "
         f"extra parameters kept beside the base architecture: {done['extra_parameters']:,}"
     )
+    return 0
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a trained model to ONNX (prompt-free model, SAM-style image encoder + prompt decoder)",
+        description="Merge a trained model (adapter or merged folder) and export it for ONNX Runtime: "
+        "OUTPUT/model.onnx (pixel_values -> mask logits), OUTPUT/image_encoder.onnx and "
+        "OUTPUT/prompt_decoder.onnx (points and boxes -> masks + IoU scores, binary tasks) and OUTPUT/deploy.json "
+        "(input size, normalisation, classes, post-processing). Each file is checked against PyTorch in "
+        "onnxruntime unless --no-check.",
+    )
+    parser.add_argument("--model", required=True, help="trained model folder (e.g. runs/polyp/adapter)")
+    parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (only onnx)")
+    parser.add_argument("--output", required=True, help="output folder (replaced atomically)")
+    parser.add_argument("--base-model", default=None, help="SAM checkpoint to use instead of the recorded one")
+    parser.add_argument("--no-prompted", action="store_true", help="write the prompt-free model.onnx only")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or later)")
+    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    parser.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .deploy import export_onnx
+
+    info = export_onnx(
+        args.model,
+        args.output,
+        base_model=args.base_model,
+        prompted=not args.no_prompted,
+        opset=args.opset,
+        check=not args.no_check,
+    )
+    print(f"Wrote {', '.join(info['files'].values())} and deploy.json to {args.output}")
+    for name, diff in (info.get("check") or {}).items():
+        print(f"  {name}: max |onnxruntime - PyTorch| = {diff:.2e}")
     return 0
 
 
@@ -274,6 +454,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "evaluate": _add_evaluate,
     "predict": _add_predict,
     "merge": _add_merge,
+    "export": _add_export,
     "inspect": _add_inspect,
     "params": _add_params,
     "benchmark": _add_benchmark,
@@ -309,7 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from .training.engine import TrainingError
+    from .training.progress import quiet_library_bars
 
+    quiet_library_bars()  # no "Loading weights" bar redraws in logs, CI and nohup files
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as error:  # bad input

@@ -55,7 +55,12 @@ def test_stock_peft_without_convlora_refuses_a_conv_lora_adapter(make_sam, tmp_p
 
         base = SamModel(SamConfig.from_dict(json.load(open("sam_config.json"))))
         outcomes = []
-        for load in (lambda: PeftModel.from_pretrained(base, "adapter"), lambda: PeftConfig.from_pretrained("adapter")):
+        loads = (
+            lambda: PeftModel.from_pretrained(base, "adapter"),
+            lambda: PeftConfig.from_pretrained("adapter"),
+            lambda: base.load_adapter("adapter"),  # transformers' own PEFT integration
+        )
+        for load in loads:
             try:
                 load()
                 outcomes.append("LOADED")
@@ -68,7 +73,7 @@ def test_stock_peft_without_convlora_refuses_a_conv_lora_adapter(make_sam, tmp_p
     )
     assert result.returncode == 0, result.stderr
     outcomes = result.stdout.strip().splitlines()
-    assert len(outcomes) == 2
+    assert len(outcomes) == 3
     for outcome in outcomes:
         assert outcome != "LOADED"
         assert "CONV_LORA" in outcome

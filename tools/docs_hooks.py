@@ -79,6 +79,10 @@ def _value(action: argparse.Action) -> str:
 
 
 def _default(action: argparse.Action) -> str:
+    field_default = getattr(action, "field_default", None)  # a config field's option (convlora train)
+    if field_default is not None:
+        text = field_default.removeprefix("default: ")
+        return "unset" if text == "unset" else ("required" if text == "required" else f"`{text}`")
     if action.required:
         return "required"
     if action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
@@ -123,30 +127,36 @@ def _command_section(title: str, text: str, sub: argparse.ArgumentParser, level:
         out += [sub.description, ""]
     out += ["```text", sub.format_usage().strip(), "```", ""]
     nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
-    actions = [a for a in sub._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
-    if actions:
+    skip = (argparse._HelpAction, argparse._SubParsersAction)
+    groups = [(g.title, [a for a in g._group_actions if not isinstance(a, skip)]) for g in sub._action_groups]
+    groups = [(title, actions) for title, actions in groups if actions]
+    for title, actions in groups:
+        if len(groups) > 1 and title not in ("options", "optional arguments", "positional arguments"):
+            out += [f"**{title}**", ""]
         out += ["| argument | value | default | description |", "|---|---|---|---|"]
         for action in actions:
             names = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.dest}`"
-            help_text = _cell(_help_text(action, sub.prog))
+            help_text = _cell(getattr(action, "field_help", None) or _help_text(action, sub.prog))
             out.append(f"| {names} | {_value(action)} | {_default(action)} | {help_text} |")
         out.append("")
     if getattr(sub, "_defaults", {}).get("accepts_overrides"):
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        listed = {o.removeprefix("--") for _, actions in groups for a in actions for o in a.option_strings}
         out += [
-            "Every field of the training configuration is also an option: `--FIELD VALUE`, or",
-            "`--FIELD=VALUE`; nested fields use a dot (`--conv_lora.r 4`, `--augment.hflip 0`). Values are",
-            "read as JSON where they parse (numbers, `true`, `null`, lists such as `[0, 1]`) and as text",
-            "otherwise. Command-line values override the `--config` file. The fields, with their types,",
-            "defaults and meaning, are listed in [Configuration](config.md#trainconfig):",
+            "Every field of the training configuration is an option: `--FIELD VALUE`, or `--FIELD=VALUE`",
+            "(the settings tables above, generated from the field metadata of `TrainConfig`); nested fields use a",
+            "dot (`--conv_lora.r 4`, `--augment.hflip 0`). Values are read as JSON where they parse (numbers,",
+            "`true`, `null`, lists such as `[0, 1]`) and as text otherwise. Command-line values override the",
+            "`--config` file. More on each field in [Configuration](config.md#trainconfig).",
             "",
-            "| field | description |",
-            "|---|---|",
         ]
-        described = docstring_args(TrainConfig)
-        for field in dataclasses.fields(TrainConfig):
-            summary = _first_sentence(described.get(field.name, ""))
-            out.append(f"| `--{field.name}` | {_cell(summary)} |")
-        out.append("")
+        unlisted = sorted(fields - listed)
+        if unlisted:
+            out += ["| field | description |", "|---|---|"]
+            described = docstring_args(TrainConfig)
+            for name in unlisted:
+                out.append(f"| `--{name}` | {_cell(_first_sentence(described.get(name, '')))} |")
+            out.append("")
     for action in nested:
         helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
         for name, parser in action.choices.items():

@@ -7,14 +7,14 @@ model, and a model card ``README.md``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .._io import atomic_dir, sha256_file, write_json
+from .._io import atomic_dir, read_versioned_json, sha256_file, write_json
+from ..data import ImageReading
 from ..models import install_class_decoder, load_sam
 from .methods import get_method
 
@@ -35,6 +35,9 @@ class TaskInfo:
         method: the training method.
         metrics: final metrics, for the model card.
         merged: the folder holds a merged model (``convlora merge``), loaded without the base model.
+        image_reading: how images were read in training (``ImageReading.to_dict()``: intensity mapping of
+            high-bit-depth images, channels); prediction and evaluation read images the same way. Files
+            without it get the defaults, under which 8-bit images are read as they always were.
         format_version: version of this file's format; files from a newer convlora are refused.
         weights_sha256: SHA-256 of each weights file in the folder, recorded at export and checked by
             :func:`load_trained` (safetensors files carry no checksum of their own).
@@ -49,6 +52,7 @@ class TaskInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     merged: bool = False
     weights_sha256: dict[str, str] = field(default_factory=dict)
+    image_reading: dict[str, Any] = field(default_factory=lambda: ImageReading().to_dict())
     format_version: int = TASK_FORMAT_VERSION
 
     @property
@@ -69,20 +73,9 @@ class TaskInfo:
                 f"{directory} is not a convlora model folder: {TASK_FILE} is missing "
                 "(expected the adapter/ folder of a convlora training run)"
             )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
-        version = data.get("format_version", 0)
-        if not isinstance(version, int) or version > TASK_FORMAT_VERSION:
-            raise ValueError(
-                f"{path} was written by a newer convlora (format {version}); this one reads <= "
-                f"{TASK_FORMAT_VERSION}. Upgrade convlora."
-            )
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path} has unknown fields {unknown}; it was probably written by a newer convlora")
+        data = read_versioned_json(
+            path, known=set(cls.__dataclass_fields__), version=TASK_FORMAT_VERSION, what="a convlora task file"
+        )
         try:
             return cls(**data)
         except TypeError as error:
@@ -162,3 +155,95 @@ def load_trained(directory: str | Path, *, base_model: str | None = None) -> tup
         install_class_decoder(base, task.num_classes)
     model = method.load(base, directory, source)
     return model.eval(), task
+
+
+# what each adapter method writes as `peft_type` in adapter_config.json
+_PEFT_TYPES = {"conv_lora": "CONV_LORA", "lora": "LORA"}
+
+
+def continue_from_export(
+    base: nn.Module,
+    task: TaskInfo,
+    directory: str | Path,
+    *,
+    freeze_iou_head: bool = True,
+    adapter_settings: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Prepare a loaded SAM to continue training an exported model (``--init_adapter``), like ``build_task_model``.
+
+    The export's weights are loaded onto ``base`` and left trainable (``PeftModel.from_pretrained(...,
+    is_trainable=True)`` for adapters; the mask decoder's weights for ``decoder``); an export of another
+    method, base model or task is refused.
+
+    Args:
+        base: a ``SamModel`` at ``task.image_size`` (the run's ``--model``).
+        task: this run's task; its ``method``, ``mode``, ``num_classes`` and ``base_model`` must match the export.
+        directory: an exported model folder (``RUN/adapter``) or a plain PEFT adapter folder.
+        freeze_iou_head: freeze the decoder parts prompt-free training never uses.
+        adapter_settings: this run's ``conv_lora`` settings; a value that differs from the saved adapter's is
+            refused (the saved adapter decides its own shape).
+
+    >>> model = continue_from_export(sam, task, "runs/polyp/adapter")  # doctest: +SKIP
+    """
+    from peft import PeftModel
+
+    from ..models.adapter_check import check_adapter_complete, check_adapter_matches, read_adapter_config
+    from .methods import freeze_unused_decoder_parts
+
+    directory = Path(directory)
+    where = f"init_adapter {directory}"
+    if not directory.is_dir():
+        raise ValueError(f"{where} is not a folder (expected the adapter/ folder of a convlora run)")
+    if task.method == "full":
+        raise ValueError(
+            f"{where}: a full fine-tune exports a complete model; continue from it with --model {directory}"
+        )
+    if (directory / TASK_FILE).is_file():
+        saved = TaskInfo.read(directory)
+        verify_weights(directory, saved)
+        found = {"method": saved.method, "mode": saved.mode, "num_classes": saved.num_classes}
+        wanted = {"method": task.method, "mode": task.mode, "num_classes": task.num_classes}
+        for key, value in found.items():
+            if value != wanted[key]:
+                raise ValueError(f"{where} holds a {key}={value!r} model but this run has {key}={wanted[key]!r}")
+        if saved.merged:
+            raise ValueError(f"{where} holds a merged model; continue from the adapter folder it was merged from")
+        if not _same_model(saved.base_model, task.base_model):
+            raise ValueError(
+                f"{where} was trained on base model {saved.base_model!r} but this run uses {task.base_model!r}; "
+                f"pass --model {saved.base_model}"
+            )
+    if task.mode == "multiclass":
+        install_class_decoder(base, task.num_classes)
+    method = get_method(task.method)
+    if method.uses_adapter:
+        config = read_adapter_config(directory)
+        expected = _PEFT_TYPES[task.method]
+        if str(config.peft_type) != expected:
+            raise ValueError(
+                f"{where} is a {config.peft_type} adapter but method {task.method!r} needs a {expected} adapter"
+            )
+        for key, value in (adapter_settings or {}).items():
+            if hasattr(config, key) and getattr(config, key) != value:
+                raise ValueError(
+                    f"{where}: conv_lora.{key}={value!r} differs from the saved adapter's {getattr(config, key)!r}; "
+                    "drop the setting (the saved adapter decides its own shape)"
+                )
+        check_adapter_matches(base, directory)
+        try:
+            model = PeftModel.from_pretrained(base, str(directory), is_trainable=True)
+        except (RuntimeError, KeyError) as error:
+            raise ValueError(f"{where} does not fit base model {task.base_model}: {error}") from error
+        check_adapter_complete(model, directory)
+    else:
+        model = method.build(method.load(base, directory, task.base_model), None)
+    if freeze_iou_head:
+        freeze_unused_decoder_parts(model, task.mode)
+    return model
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()

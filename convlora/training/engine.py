@@ -13,8 +13,8 @@ rotated), ``adapter/`` (the best model's artifact + model card), ``metrics.json`
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -33,7 +33,7 @@ from .._io import check_versioned, write_json
 from ..data import build_datasets
 from ..models import count_parameters, family_of, find_sam, load_sam, segmentation_logits
 from ..tuner.moe import moe_aux_loss
-from .artifact import TaskInfo, export_trained, load_trained
+from .artifact import TaskInfo, continue_from_export, export_trained, load_trained
 from .checkpoint import (
     checkpoint_dir,
     list_checkpoints,
@@ -42,11 +42,12 @@ from .checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from .config import TrainConfig
+from .config import TrainConfig, apply_resumed_settings, resolve_defaults, resume_config
 from .evaluate import evaluate_split
 from .losses import build_loss
 from .methods import METHODS, build_task_model
 from .metrics import is_better, main_metric
+from .progress import Progress
 from .report import model_card, plot_curves, save_overlay_grid
 
 
@@ -313,10 +314,17 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
             f"output_dir {run_dir} already holds checkpoints of a run; continue it with --resume latest, "
             "or choose another output_dir"
         )
+    notes: list[str] = []
+    if resume_from is not None and (run_dir / "config.json").is_file():
+        saved = json.loads((run_dir / "config.json").read_text())
+        config, changed = resume_config(saved, config)
+        notes += [f"resume applies {change}" for change in changed]
     set_seed(config.seed)
 
     data = build_datasets(config)
     base = load_sam(config.model, image_size=config.image_size)
+    config, defaults = resolve_defaults(config, base)
+    notes += defaults
     image_size = family_of(base).image_size(base)
     task = TaskInfo(
         mode=data.mode,
@@ -328,7 +336,13 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
     )
     data.set_image_size(image_size)
     adapter_config = config.adapter_config() if METHODS[config.method].uses_adapter else None
-    model = build_task_model(base, task, adapter_config, freeze_iou_head=config.freeze_iou_head)
+    if config.init_adapter is not None:
+        model = continue_from_export(
+            base, task, config.init_adapter, freeze_iou_head=config.freeze_iou_head, adapter_settings=config.conv_lora
+        )
+        notes.append(f"starting from the weights of {config.init_adapter} (init_adapter)")
+    else:
+        model = build_task_model(base, task, adapter_config, freeze_iou_head=config.freeze_iou_head)
     if config.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -351,6 +365,7 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
         rng_states, progress = load_checkpoint(resume_from, model, optimizer)
         state = TrainState.from_dict(progress, resume_from / "progress.json")
         scheduler.load_state_dict(state.scheduler)
+        apply_resumed_settings(optimizer, scheduler, config)
         if is_main:
             print(f"Resuming from {resume_from} (step {state.global_step}, epoch {state.epoch})")
 
@@ -360,6 +375,8 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", config.to_dict())
         print(data.summary())
+        for note in notes:
+            print(note)
         print(
             f"model: {config.model} at {image_size}x{image_size}, method {config.method}, "
             f"{count_parameters(model, trainable_only=True):,} trainable parameters; {total_steps} optimizer steps "
@@ -368,11 +385,7 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
         accelerator.init_trackers("convlora", config=_scalar_config(config))
     if rng_states is not None:
         _restore_rng(rng_states, rank, world, resume_from)
-    bar = None
-    if show_progress and is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=state.global_step, desc="train", unit="step", file=sys.stdout)
+    bar = Progress(total_steps, state.global_step, enabled=show_progress and is_main, every=config.log_every_steps)
     return Run(
         config=config,
         accelerator=accelerator,
@@ -431,10 +444,8 @@ def _train_epoch(run: Run) -> None:
             lr = run.scheduler.get_last_lr()[0]
             if step % config.log_every_steps == 0:
                 accelerator.log({f"train/{k}": v for k, v in losses.items()} | {"train/lr": lr}, step=step)
-            if run.bar is not None:
-                rate = window_images / max(1e-9, time.time() - window_start)
-                run.bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-                run.bar.update(1)
+            rate = window_images / max(1e-9, time.time() - window_start)
+            run.bar.update(losses, lr=lr, img_s=rate)
         if config.save_every_steps and step % config.save_every_steps == 0 and step < run.total_steps:
             _save_snapshot(run)
         if step >= run.total_steps:
@@ -503,7 +514,7 @@ def _evaluate_and_keep_best(run: Run, epoch: int) -> None:
 
 def _message(run: Run, text: str) -> None:
     """A line for the person watching (under the progress bar when there is one)."""
-    if run.accelerator.is_main_process and run.bar is not None:
+    if run.accelerator.is_main_process:
         run.bar.write(text)
 
 

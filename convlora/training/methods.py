@@ -23,6 +23,7 @@ import safetensors.torch
 from peft import PeftModel
 from torch import nn
 
+from .._compat import quiet_peft_deprecations
 from ..models import apply_conv_lora, find_sam, install_class_decoder
 from ..models.adapter_check import check_adapter_complete, check_adapter_matches, read_safetensors_shapes
 from ..models.adapters import apply_lora
@@ -75,7 +76,8 @@ def _export_decoder(model: nn.Module, folder: Path) -> None:
 def _load_adapter(base: nn.Module, folder: Path, source: str) -> nn.Module:
     check_adapter_matches(base, folder)
     try:
-        model = PeftModel.from_pretrained(base, str(folder))
+        with quiet_peft_deprecations():
+            model = PeftModel.from_pretrained(base, str(folder))
     except (RuntimeError, KeyError) as error:  # PEFT's own refusals of a mismatched state dict
         raise ValueError(f"{folder} does not fit base model {source}: {error}") from error
     check_adapter_complete(model, folder)

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
 from .._io import atomic_file
+from ..models import segmentation_logits
+from ..models.processing import overlay
 from .methods import METHODS
 
 
 def _subplots(rows: int, columns: int, figsize: tuple[float, float], squeeze: bool = True) -> tuple[Any, Any]:
     """A figure and its axes, drawn off-screen without pyplot (no global backend switch)."""
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=figsize)
     return figure, figure.subplots(rows, columns, squeeze=squeeze)
 
@@ -68,8 +70,6 @@ def plot_curves(progress: dict[str, Any], path: str | Path) -> None:
 @torch.no_grad()
 def predict_masks(model: nn.Module, dataset: Any, indices: list[int]) -> list[np.ndarray]:
     """Class-id masks at each image's original size (binary: 0/1) for some samples of a dataset."""
-    from ..models import segmentation_logits
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -91,8 +91,6 @@ def logits_to_mask(logits: torch.Tensor) -> torch.Tensor:
 
 def save_overlay_grid(model: nn.Module, dataset: Any, path: str | Path, count: int = 8) -> None:
     """A PNG grid of validation samples: image, ground truth overlay, prediction overlay."""
-    from ..models.processing import overlay
-
     indices = list(range(min(count, len(dataset))))
     if not indices:
         return
@@ -110,8 +108,75 @@ def save_overlay_grid(model: nn.Module, dataset: Any, path: str | Path, count: i
     _figure_to_png(figure, Path(path))
 
 
-def model_card(task: Any, config: Any, scores: dict[str, float]) -> str:
-    """The README.md written beside an exported model."""
+# a fine-tuned model inherits its base model's licence; these bases are Apache-2.0
+_APACHE_BASES = ("facebook/sam-", "convlora-")
+_METHOD_TAGS = {"conv_lora": ["conv-lora", "lora"], "lora": ["lora"], "decoder": ["mask-decoder"], "full": []}
+# what loads each export: PEFT adapters, or a whole transformers checkpoint (`full`)
+_LIBRARIES = {"conv_lora": "peft", "lora": "peft", "full": "transformers"}
+
+
+def card_metadata(task: Any, *, domain: str | None = None, license: str | None = None) -> dict[str, Any]:
+    """The Hugging Face Hub metadata of an exported model, written as the YAML header of its model card.
+
+    Args:
+        task: the exported model's :class:`~convlora.training.artifact.TaskInfo`.
+        domain: what the data shows (``"polyp"``, ``"aerial"`` ...), added to the tags.
+        license: the model's licence id; the base model's (Apache-2.0 for SAM and convlora's bases) or
+            ``"unknown"`` when unset.
+
+    ``base_model`` is given only for a Hub id (an embedded name or a local folder is no Hub model).
+
+    >>> from convlora.training.artifact import TaskInfo
+    >>> meta = card_metadata(TaskInfo("binary", 2, ["bg", "polyp"], 256, "facebook/sam-vit-base", "conv_lora"))
+    >>> meta["library_name"], meta["base_model"], meta["pipeline_tag"], meta["license"]
+    ('peft', 'facebook/sam-vit-base', 'mask-generation', 'apache-2.0')
+    """
+    base = str(task.base_model)
+    if license is None:
+        license = "apache-2.0" if base.startswith(_APACHE_BASES) else "unknown"
+    tags = [*_METHOD_TAGS.get(task.method, []), "segment-anything", "sam", "image-segmentation", "convlora"]
+    tags.append("binary-segmentation" if task.mode == "binary" else "semantic-segmentation")
+    if domain:
+        tags.append(domain)
+    meta: dict[str, Any] = {}
+    if task.method in _LIBRARIES:
+        meta["library_name"] = _LIBRARIES[task.method]
+    if _is_hub_id(base):
+        meta["base_model"] = base
+    meta |= {"license": license, "pipeline_tag": "mask-generation", "tags": list(dict.fromkeys(tags))}
+    return meta
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not Path(name).exists() and not name.startswith((".", "~"))
+
+
+def _front_matter(meta: dict[str, Any]) -> str:
+    # JSON strings and lists are valid YAML flow values: no YAML writer needed, and nothing to escape by hand
+    lines = [f"{key}: {json.dumps(value)}" for key, value in meta.items()]
+    return "---\n" + "\n".join(lines) + "\n---\n\n"
+
+
+def model_card(
+    task: Any, config: Any, scores: dict[str, float], *, domain: str | None = None, license: str | None = None
+) -> str:
+    """The README.md written beside an exported model: Hub metadata header, what it is, its metrics, how to use it.
+
+    Args:
+        task: the exported model's :class:`~convlora.training.artifact.TaskInfo`.
+        config: the run's (resolved) :class:`~convlora.training.config.TrainConfig`.
+        scores: validation metrics of the exported model.
+        domain: what the data shows, added to the Hub tags.
+        license: the model's licence id (see :func:`card_metadata`).
+
+    >>> from types import SimpleNamespace
+    >>> from convlora.training.artifact import TaskInfo
+    >>> task = TaskInfo("binary", 2, ["bg", "polyp"], 64, "convlora-tiny", "conv_lora")
+    >>> card = model_card(task, SimpleNamespace(data="data/polyp", epochs=3, lr=2e-3, seed=0), {"iou": 0.5})
+    >>> card.splitlines()[:3]
+    ['---', 'library_name: "peft"', 'license: "apache-2.0"']
+    """
     metric_rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in scores.items())
     classes = ", ".join(f"{i}: {name}" for i, name in enumerate(task.class_names))
     load = (
@@ -125,9 +190,13 @@ def model_card(task: Any, config: Any, scores: dict[str, float]) -> str:
             "\nThe folder is a regular PEFT adapter. With stock PEFT, `import convlora` first (it registers the "
             "Conv-LoRA method), prepare the base model as convlora does (image size"
             + (", class decoder" if task.mode == "multiclass" else "")
-            + "), then `PeftModel.from_pretrained(base, folder)`.\n"
+            + "), then `PeftModel.from_pretrained(base, folder)`"
+            + ("" if task.mode == "multiclass" else ", or transformers' `base.load_adapter(folder)`")
+            + ".\n"
         )
-    return f"""# convlora fine-tuned SAM
+    return (
+        _front_matter(card_metadata(task, domain=domain, license=license))
+        + f"""# convlora fine-tuned SAM
 
 - Base model: `{task.base_model}`
 - Method: `{task.method}`
@@ -149,3 +218,4 @@ def model_card(task: Any, config: Any, scores: dict[str, float]) -> str:
 
 or from the command line: `convlora predict --model path/to/this/folder --images DIR --output OUT`.
 {peft_note}"""
+    )

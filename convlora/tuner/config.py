@@ -11,7 +11,7 @@ from peft import PeftConfig
 
 from .._compat import MethodType
 from .moe import INTERPOLATION_MODES
-from .presets import TARGET_PRESETS, target_modules_pattern
+from .presets import ENCODER_LAYERS, FAMILY_PRESETS, preset_family, target_modules_pattern
 
 # Not a PeftType member (a closed enum): a str carrying `.value`/`.name`, equal to and saved as "CONV_LORA".
 PEFT_TYPE = MethodType("CONV_LORA")
@@ -35,9 +35,13 @@ class ConvLoraConfig(PeftConfig):
         lora_dropout: dropout on the layer input before the down-projection.
         target_modules: module names or a regex of the layers to adapt; derived from ``target_preset``
             and ``layers`` when not given.
-        target_preset: a named set of targets from ``convlora.tuner.presets.TARGET_PRESETS`` (``"qkv"``,
-            ``"qkv_proj"``, ``"attention_mlp"``); the default is ``"qkv"``.
-        layers: indices of the image-encoder layers to adapt; all layers when ``None``.
+        target_preset: a named set of targets of the model's family from
+            ``convlora.tuner.presets.FAMILY_PRESETS`` (SAM, SAM 2: ``"qkv"``, ``"qkv_proj"``,
+            ``"attention_mlp"``; SAM 3: ``"qv"``, ``"qkv"``, ``"attention"``, ``"attention_mlp"``); the default
+            is ``"qkv"``. Resolved against the model the config is applied to (its ``model_type``).
+        layers: indices of the image-encoder layers (blocks) to adapt; all layers when ``None``.
+        family: the preset family the targets are for (``"sam"``, ``"sam_hq"``, ``"sam2"``, ``"sam3"``); read
+            from the model when unset, and recorded in the saved adapter so that it refuses another family.
         num_experts: number of conv experts.
         expert_scales: resize factor of each expert; ``1, 2, ..., num_experts`` when ``None``.
         top_k: experts chosen per sample by the gate.
@@ -68,10 +72,16 @@ class ConvLoraConfig(PeftConfig):
     )
     target_preset: str | None = field(
         default=None,
-        metadata={"help": "Named target set from convlora.tuner.presets.TARGET_PRESETS; 'qkv' when nothing is given."},
+        metadata={
+            "help": "Named target set of the model's family (convlora.tuner.presets.FAMILY_PRESETS); 'qkv' if unset."
+        },
     )
     layers: list[int] | None = field(
         default=None, metadata={"help": "Image-encoder layer indices to adapt (all layers when unset)."}
+    )
+    family: str | None = field(
+        default=None,
+        metadata={"help": "Preset family of the targets (sam, sam_hq, sam2, sam3); read from the model if unset."},
     )
     num_experts: int = field(default=8, metadata={"help": "Number of multi-scale conv experts."})
     expert_scales: list[float] | None = field(
@@ -152,20 +162,78 @@ class ConvLoraConfig(PeftConfig):
             ):
                 raise ValueError(f"layers must be a list of non-negative layer indices, got {self.layers!r}")
             self.layers = sorted(set(self.layers))
-        if self.target_preset is not None and self.target_preset not in TARGET_PRESETS:
-            raise ValueError(f"Unknown target_preset {self.target_preset!r}; choose one of {sorted(TARGET_PRESETS)}")
+        if self.family is not None and self.family not in FAMILY_PRESETS:
+            raise ValueError(f"family must be one of {sorted(FAMILY_PRESETS)}, got {self.family!r}")
+        known = sorted({name for presets in FAMILY_PRESETS.values() for name in presets})
+        if self.target_preset is not None and self.target_preset not in known:
+            raise ValueError(f"Unknown target_preset {self.target_preset!r}; choose one of {known}")
+        family = self.family or "sam"
+        preset = self.target_preset or "qkv"
+        if self.family is not None and preset not in FAMILY_PRESETS[family]:
+            raise ValueError(
+                f"target_preset {preset!r} does not exist for family {family}; choose one of "
+                f"{sorted(FAMILY_PRESETS[family])}"
+            )
+        derived = target_modules_pattern(preset, self.layers, family) if preset in FAMILY_PRESETS[family] else None
+        # Targets derived from a preset follow the model they are applied to (see resolve_targets); explicit or
+        # saved target_modules are kept as given.
+        self._from_preset = self.target_modules is None
+        self._family_given = self.family is not None
         if self.target_modules is None:
-            self.target_modules = target_modules_pattern(self.target_preset or "qkv", self.layers)
+            # SAM's targets right away (as before families existed); other families resolve on their model.
+            self.target_modules = derived
         else:
             if isinstance(self.target_modules, set):
                 self.target_modules = sorted(self.target_modules)
-            derived = target_modules_pattern(self.target_preset or "qkv", self.layers)
             if self.target_preset is not None and self.target_modules != derived:
                 raise ValueError("Give either target_modules or target_preset/layers, not both")
             if self.layers is not None and self.target_modules != derived:
                 raise ValueError("layers only applies to target presets; put the layer indices in target_modules")
         if self.modules_to_save is not None and isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+
+    def resolve_targets(self, model_type: str | None, model_name: str = "the model") -> None:
+        r"""Resolve ``target_preset`` / ``layers`` for a model's family (in place), or refuse another family.
+
+        Called by the tuner (and by ``convlora.apply_conv_lora``) with the model's ``model_type``: a config
+        made from a preset gets that family's ``target_modules``; a config with explicit or saved targets
+        of another family (a SAM 2 adapter on a SAM 3 model) is refused in one line naming both.
+
+        Args:
+            model_type: the model's transformers ``model_type`` (``"sam"``, ``"sam2"``, ``"sam3_tracker"``, ...).
+            model_name: how to name the model in error messages (e.g. its class name).
+
+        >>> config = ConvLoraConfig(target_preset="qv")
+        >>> config.resolve_targets("sam3_tracker")
+        >>> config.family, config.target_modules.endswith(r"attention\.(?:q_proj|v_proj)")
+        ('sam3', True)
+        """
+        family = preset_family(model_type)
+        preset = self.target_preset or "qkv"
+        if family is None:
+            if self.target_modules is None:
+                raise ValueError(
+                    f"target_preset {preset!r} needs a SAM-family model, but {model_name} has model_type="
+                    f"{model_type!r}; give target_modules explicitly"
+                )
+            return
+        if self.family is not None and (self._family_given or not self._from_preset):
+            if not _same_layout(self.family, family):
+                raise ValueError(
+                    f"This Conv-LoRA config targets a {self.family} model (target_modules {self.target_modules!r}) "
+                    f"but {model_name} is a {family} model (model_type={model_type!r}); use a {self.family} base "
+                    f"or a config made for {family}"
+                )
+            return
+        if not self._from_preset:
+            return
+        if preset not in FAMILY_PRESETS[family]:
+            raise ValueError(
+                f"target_preset {preset!r} does not exist for {model_name} (family {family}); choose one of "
+                f"{sorted(FAMILY_PRESETS[family])}"
+            )
+        self.target_modules = target_modules_pattern(preset, self.layers, family)
+        self.family = family
 
     @property
     def scaling(self) -> float:
@@ -208,6 +276,11 @@ def _init_refusing_unknown_fields(self: ConvLoraConfig, *args: Any, **kwargs: An
 
 
 ConvLoraConfig.__init__ = _init_refusing_unknown_fields  # type: ignore[method-assign]
+
+
+def _same_layout(first: str, second: str) -> bool:
+    """Whether two preset families name the same modules (SAM and SAM-HQ share SAM's encoder)."""
+    return ENCODER_LAYERS[first] == ENCODER_LAYERS[second] and FAMILY_PRESETS[first] is FAMILY_PRESETS[second]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
