@@ -355,6 +355,20 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("data", help="dataset folder or CSV")
     parser.add_argument("--mode", choices=["auto", "binary", "multiclass"], default="auto", help="task mode")
     parser.add_argument("--num-classes", type=int, default=None, help="classes including the background")
+    parser.add_argument(
+        "--intensity",
+        choices=["percentile", "minmax", "fixed", "none"],
+        default="percentile",
+        help="how images of more than 8 bits are mapped to 0..255 (as train's --intensity)",
+    )
+    parser.add_argument("--intensity-range", default=None, help="LOW,HIGH for --intensity fixed, e.g. 0,4095")
+    parser.add_argument("--channels", default=None, help="channel indices to keep, e.g. 0,2 (images of 4+ channels)")
+    parser.add_argument(
+        "--mask-reading",
+        choices=["auto", "instances", "classes"],
+        default="auto",
+        help="how integer masks are read (as train's --mask_reading)",
+    )
     parser.add_argument("--json", default=None, help="also write the report to this JSON file")
     parser.set_defaults(handler=_run_inspect)
 
@@ -364,11 +378,28 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from .data import inspect_dataset
 
     mode = None if args.mode == "auto" else args.mode
-    report = inspect_dataset(args.data, mode=mode, num_classes=args.num_classes)
+    reading = {
+        "intensity": args.intensity,
+        "intensity_range": _number_list(args.intensity_range, "--intensity-range", float),
+        "channels": _number_list(args.channels, "--channels", int),
+    }
+    report = inspect_dataset(
+        args.data, mode=mode, num_classes=args.num_classes, reading=reading, mask_reading=args.mask_reading
+    )
     print(report.format())
     if args.json:
         write_json(args.json, report.to_dict())
     return 1 if report.problems else 0
+
+
+def _number_list(text: str | None, option: str, kind: type) -> list | None:
+    """``"0,2"`` -> ``[0, 2]``; a clear error naming the option otherwise."""
+    if text is None:
+        return None
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated numbers, e.g. 0,2; got {text!r}") from None
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:

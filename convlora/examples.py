@@ -16,7 +16,7 @@ from typing import Any
 
 from ._io import write_json
 from .data import build_datasets
-from .models import load_sam
+from .models import family_of, load_sam
 from .recipes import recipe
 from .synthetic import write_dataset
 from .training.artifact import TaskInfo
@@ -117,9 +117,12 @@ def zero_shot_metrics(config: Any) -> dict[str, float]:
     """
     data = build_datasets(config)
     base = load_sam(config.model, image_size=config.image_size)
-    size = int(base.config.vision_config.image_size)
+    size = family_of(base).image_size(base)
     data.set_image_size(size)
-    task = TaskInfo(data.mode, data.num_classes, list(data.class_names), size, config.model, "decoder")
+    task = TaskInfo(
+        data.mode, data.num_classes, list(data.class_names), size, config.model, "decoder",
+        image_reading=data.image_reading,
+    )  # fmt: skip
     model = build_task_model(base, task).eval()
     split = data.test if data.test is not None else data.val
     return evaluate_split(model, split, data, None, batch_size=config.batch_size)

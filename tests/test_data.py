@@ -167,12 +167,12 @@ def test_read_image_expands_palettes_to_their_colours(tmp_path):
     assert read_image(tmp_path / "p.png").tolist() == [[[10, 20, 30], [200, 100, 50]], [[200, 100, 50], [10, 20, 30]]]
 
 
-def test_read_image_scales_16_bit_to_8_bit(tmp_path):
+def test_read_image_maps_a_fixed_16_bit_range_to_8_bit(tmp_path):
     deep = np.array([[0, 65535], [25700, 1000]], np.uint16)
-    out = read_image(save(tmp_path / "deep.png", deep))
+    out = read_image(save(tmp_path / "deep.png", deep), {"intensity": "fixed", "intensity_range": [0, 65535]})
     assert out[..., 0].tolist() == [[0, 255], [100, 4]]  # value * 255 / 65535, rounded
     report = inspect_dataset(tmp_path)
-    assert any("16-bit" in note for note in report.notes)
+    assert any("more than 8 bits per sample (uint16: 1)" in note for note in report.notes)
 
 
 def test_read_image_applies_exif_orientation(tmp_path):

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,20 +19,11 @@ import torch
 from torch.utils.data import Dataset
 
 from ..models.processing import IGNORE_INDEX, ResizeInfo, postprocess_masks, preprocess, preprocess_mask
-from .folder import (
-    ALL,
-    ENCODINGS,
-    MODES,
-    DatasetError,
-    DatasetReport,
-    Sample,
-    check_dataset,
-    mask_to_labels,
-    read_image,
-    read_image_size,
-    read_mask,
-    split_samples,
-)
+from .classes import Color
+from .decode import ImageReading, mask_to_labels, read_image, read_image_size, read_mask
+from .discover import split_samples
+from .inspect import check_dataset
+from .report import ALL, ENCODINGS, MODES, DatasetError, DatasetReport, Sample
 from .transforms import AugmentConfig, augment_sample, sample_generator
 
 
@@ -63,6 +54,8 @@ class SegmentationDataset(Dataset):
         augment: augmentation settings; ``None`` (evaluation) fits images without randomness.
         seed: augmentation seed.
         class_names: a name per class, for reports.
+        reading: how images are read (:class:`~convlora.data.ImageReading` or its dict; defaults when ``None``).
+        class_colors: ``(r, g, b)`` -> class id, for colour-coded masks.
 
     >>> dataset = SegmentationDataset([Sample("a.png", "a_mask.png", key="a")], image_size=256)
     >>> len(dataset)
@@ -80,6 +73,8 @@ class SegmentationDataset(Dataset):
         augment: AugmentConfig | None = None,
         seed: int = 0,
         class_names: Sequence[str] | None = None,
+        reading: ImageReading | Mapping[str, Any] | None = None,
+        class_colors: Mapping[Color, int] | None = None,
     ) -> None:
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} or None (unlabelled), got {mode!r}")
@@ -104,6 +99,8 @@ class SegmentationDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.class_names = list(class_names) if class_names is not None else None
+        self.reading = ImageReading.of(reading)
+        self.class_colors = dict(class_colors) if class_colors else None
 
     @classmethod
     def from_report(
@@ -114,8 +111,11 @@ class SegmentationDataset(Dataset):
         image_size: int = 1024,
         augment: AugmentConfig | None = None,
         seed: int = 0,
+        reading: ImageReading | Mapping[str, Any] | None = None,
     ) -> SegmentationDataset:
         """The usable samples of one split (or all) of an inspected dataset, read as the report decided.
+
+        Images are read with ``reading``, or as the inspection read them when ``None``.
 
         >>> from convlora.data import check_dataset
         >>> dataset = SegmentationDataset.from_report(check_dataset("data/polyp"), "train")  # doctest: +SKIP
@@ -129,6 +129,8 @@ class SegmentationDataset(Dataset):
             augment=augment,
             seed=seed,
             class_names=report.class_names or None,
+            reading=reading if reading is not None else (report.image_reading or None),
+            class_colors=report.class_colors or None,
         )
 
     @property
@@ -164,7 +166,7 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         sample = self._sample(index)
-        image = read_image(sample.image)
+        image = read_image(sample.image, self.reading)
         labels = self._labels(sample, image.shape[:2])
         if self.augment is not None and self.augment.enabled:
             generator = sample_generator(self.seed, self.epoch, index)
@@ -185,7 +187,7 @@ class SegmentationDataset(Dataset):
     def _labels(self, sample: Sample, image_size: tuple[int, int]) -> np.ndarray | None:
         if sample.mask is None:
             return None
-        labels = mask_to_labels(read_mask(sample.mask), self.mask_encoding)
+        labels = mask_to_labels(read_mask(sample.mask, self.class_colors), self.mask_encoding)
         if labels.dtype != np.uint8:  # 16/32-bit masks: a dtype every torch op supports
             labels = labels.astype(np.int64)
         if labels.shape != tuple(image_size):
@@ -214,7 +216,7 @@ class SegmentationDataset(Dataset):
 
     def original_image(self, index: int) -> np.ndarray:
         """A sample's image as uint8 ``(h, w, 3)`` at its original size."""
-        return read_image(self._sample(index).image)
+        return read_image(self._sample(index).image, self.reading)
 
     def original_mask(self, index: int) -> np.ndarray:
         """A sample's labels (class ids, binary 0/1, 255 = ignore) as int64 ``(h, w)`` at the original size."""
@@ -223,6 +225,16 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"sample {index} ({sample.image}) has no mask")
         labels = self._labels(sample, self.original_size(index))
         return np.asarray(labels, dtype=np.int64)
+
+    def original_ids(self, index: int) -> np.ndarray:
+        """A sample's mask values as stored (instance or class ids; colour masks mapped), ``(h, w)`` int64.
+
+        With ``mask_encoding="instances"``, :func:`~convlora.data.instance_masks` splits it into objects.
+        """
+        sample = self._sample(index)
+        if sample.mask is None:
+            raise ValueError(f"sample {index} ({sample.image}) has no mask")
+        return np.asarray(read_mask(sample.mask, self.class_colors), dtype=np.int64)
 
     def postprocess(self, logits: torch.Tensor, index: int) -> torch.Tensor:
         """Mask logits ``(b, c, s, s)`` of sample ``index`` at its original ``(h, w)``: ``(b, c, h, w)``."""
@@ -240,10 +252,12 @@ class SegmentationData:
         mode: ``"binary"`` or ``"multiclass"``.
         num_classes: classes including the background (2 for binary).
         class_names: a name per class.
-        task_family: a key of ``convlora.training.metrics.MAIN_METRICS``: the synthetic domain named in
-            ``dataset.json`` when there is one, else the mode.
+        task_family: the synthetic domain named in ``dataset.json`` for a binary dataset that has one (the
+            training picks its main metric by it), else the mode.
         reports: the inspection report of each source (``"data"``, ``"val_data"``, ``"test_data"``).
         notes: how the splits were made (for the run's log).
+        image_reading: how images were read (``ImageReading.to_dict()``), to record with the trained model.
+        domain: the ``domain`` of ``dataset.json``, if any.
     """
 
     train: SegmentationDataset
@@ -255,6 +269,8 @@ class SegmentationData:
     task_family: str
     reports: dict[str, DatasetReport] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    image_reading: dict[str, Any] = field(default_factory=lambda: ImageReading().to_dict())
+    domain: str | None = None
 
     def set_image_size(self, image_size: int) -> None:
         """Fit every dataset to a model input of ``image_size``."""
@@ -263,7 +279,7 @@ class SegmentationData:
                 dataset.image_size = image_size
 
     def summary(self) -> str:
-        """A few lines for the run's log: sizes, mode, classes, skipped samples."""
+        """A few lines for the run's log: sizes, mode, classes, how files were read, skipped samples."""
         test = f", test {len(self.test)}" if self.test is not None else ""
         lines = [
             f"data: train {len(self.train)}, val {len(self.val)}{test} samples; {self.mode}, "
@@ -271,6 +287,9 @@ class SegmentationData:
         ]
         lines.extend(f"data: {note}" for note in self.notes)
         for name, report in self.reports.items():
+            where = "" if name == "data" else f"{name}: "
+            lines.extend(f"data: {where}{note}" for note in report.notes)
+            lines.extend(f"data: {where}warning: {warning}" for warning in report.warnings)
             if report.skipped:
                 lines.append(f"data: skipped {report.skipped} bad samples of {name} ({report.source})")
         return "\n".join(lines)
@@ -294,6 +313,8 @@ def load_datasets(
     augment: AugmentConfig | None = None,
     image_size: int = 1024,
     workers: int | None = None,
+    reading: ImageReading | Mapping[str, Any] | None = None,
+    mask_reading: str = "auto",
 ) -> SegmentationData:
     """Check a training dataset (and optional separate val/test sets) and build the three datasets.
 
@@ -314,13 +335,18 @@ def load_datasets(
         augment: training augmentation; the defaults of :class:`AugmentConfig` when ``None``.
         image_size: the model's square input size (``set_image_size`` changes it later).
         workers: threads used to inspect files.
+        reading: how images are read (:class:`~convlora.data.ImageReading` or its dict), the same for every set.
+        mask_reading: ``"auto"``, ``"instances"`` or ``"classes"`` (see :func:`~convlora.data.inspect_dataset`).
 
     Raises:
         DatasetError: listing the problems of a dataset (see :func:`~convlora.data.check_dataset`).
 
     >>> data = load_datasets("data/polyp", val_fraction=0.1, seed=1)  # doctest: +SKIP
     """
-    main = check_dataset(data, mode, num_classes, skip_bad=skip_bad, workers=workers)
+    reading = ImageReading.of(reading)
+    main = check_dataset(
+        data, mode, num_classes, skip_bad=skip_bad, workers=workers, reading=reading, mask_reading=mask_reading
+    )
     if not any(main.labelled.values()) or main.mode is None or main.num_classes is None:
         raise DatasetError(f"{data}: training needs masks, but no masks/ folder or mask column was found", main)
     reports = {"data": main}
@@ -337,10 +363,21 @@ def load_datasets(
             augment=augment if with_augment else None,
             seed=seed,
             class_names=main.class_names,
+            reading=reading,
+            class_colors=report.class_colors or None,
         )
 
     def checked(source: str | Path, name: str) -> DatasetReport:
-        report = check_dataset(source, main.mode, main.num_classes, skip_bad=skip_bad, workers=workers)
+        readings = {"instances": "instances", "0/255": "classes", "0/1": "classes", "ids": "classes"}
+        report = check_dataset(
+            source,
+            main.mode,
+            main.num_classes,
+            skip_bad=skip_bad,
+            workers=workers,
+            reading=reading,
+            mask_reading=readings.get(str(main.mask_encoding), mask_reading),
+        )
         if not report.usable_samples() or not all(report.labelled.get(s, False) for s in report.splits):
             raise DatasetError(f"{source}: {name} needs masks for every image", report)
         reports[name] = report
@@ -378,22 +415,19 @@ def load_datasets(
         mode=main.mode,
         num_classes=main.num_classes,
         class_names=list(main.class_names),
-        task_family=_task_family(main),
+        task_family=str(main.domain) if main.mode == "binary" and main.domain else str(main.mode),
         reports=reports,
         notes=notes,
+        image_reading=reading.to_dict(),
+        domain=main.domain,
     )
-
-
-def _task_family(report: DatasetReport) -> str:
-    from ..training.metrics import MAIN_METRICS
-
-    if report.mode == "binary" and report.domain in MAIN_METRICS:
-        return str(report.domain)
-    return str(report.mode)
 
 
 def build_datasets(config: Any) -> SegmentationData:
     """:func:`load_datasets` with the settings of a ``TrainConfig`` (``data``, ``val_data``, ``mode`` ...).
+
+    The image reading comes from ``intensity``, ``intensity_range`` and ``channels``, the mask reading from
+    ``mask_reading`` (their defaults where the config lacks them).
 
     >>> from convlora.training.config import load_config
     >>> data = build_datasets(load_config(overrides=["--data", "data/polyp"]))  # doctest: +SKIP
@@ -410,4 +444,20 @@ def build_datasets(config: Any) -> SegmentationData:
         skip_bad=config.skip_bad,
         augment=config.augment_config(),
         image_size=config.image_size or 1024,
+        reading=reading_of(config),
+        mask_reading=getattr(config, "mask_reading", "auto"),
+    )
+
+
+def reading_of(config: Any) -> ImageReading:
+    """The :class:`~convlora.data.ImageReading` of a ``TrainConfig`` (defaults for the fields it lacks).
+
+    >>> from types import SimpleNamespace
+    >>> reading_of(SimpleNamespace(intensity="fixed", intensity_range=[0, 4095], channels=None)).intensity_range
+    (0.0, 4095.0)
+    """
+    return ImageReading(
+        intensity=getattr(config, "intensity", "percentile"),
+        intensity_range=getattr(config, "intensity_range", None),
+        channels=getattr(config, "channels", None),
     )

@@ -46,7 +46,7 @@ from .config import TrainConfig, apply_resumed_settings, resolve_defaults, resum
 from .evaluate import evaluate_split
 from .losses import build_loss
 from .methods import METHODS, build_task_model
-from .metrics import is_better, main_metric
+from .metrics import default_metric, is_better
 from .progress import Progress
 from .report import model_card, plot_curves, save_overlay_grid
 
@@ -333,6 +333,7 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
         image_size=image_size,
         base_model=config.model,
         method=config.method,
+        image_reading=data.image_reading,
     )
     data.set_image_size(image_size)
     adapter_config = config.adapter_config() if METHODS[config.method].uses_adapter else None
@@ -357,7 +358,7 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
-    metric = config.metric or main_metric(task.mode if task.mode == "multiclass" else data.task_family).name
+    metric = config.metric or default_metric(task.mode, data.task_family).name
 
     state = TrainState(metric=metric)
     rng_states = None

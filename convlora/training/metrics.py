@@ -119,6 +119,22 @@ def main_metric(task: str) -> MainMetric:
     return MAIN_METRICS[task]
 
 
+def default_metric(mode: str, family: str | None) -> MainMetric:
+    """The checkpoint-selection metric of a dataset: its family's when convlora knows it, else its mode's.
+
+    Args:
+        mode: ``"binary"`` or ``"multiclass"``.
+        family: the dataset's domain (``dataset.json``), e.g. ``"polyp"``; any other name or ``None``
+            falls back to the mode's metric.
+
+    >>> default_metric("binary", "my-own-cells").name, default_metric("binary", "shadow").name
+    ('iou', 'ber')
+    """
+    if mode == "multiclass":
+        return MAIN_METRICS["multiclass"]
+    return MAIN_METRICS.get(family or mode, MAIN_METRICS[mode])
+
+
 def higher_is_better(metric: str) -> bool:
     """Whether larger values of ``metric`` are better (per-class keys such as ``iou/road`` included).
 
