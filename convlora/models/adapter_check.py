@@ -20,6 +20,8 @@ from peft import PeftConfig, get_peft_model_state_dict
 from safetensors import safe_open
 from torch import nn
 
+from .family import find_sam
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
@@ -76,7 +78,11 @@ def check_adapter_matches(base: nn.Module, directory: str | Path) -> None:
     >>> check_adapter_matches(sam, "runs/polyp/adapter")  # doctest: +SKIP
     """
     directory = Path(directory)
-    rank = read_adapter_config(directory).r
+    config = read_adapter_config(directory)
+    if hasattr(config, "resolve_targets"):  # a Conv-LoRA adapter: refuse another family's, naming both
+        sam = find_sam(base)
+        config.resolve_targets(sam.config.model_type, f"{type(sam).__name__} (loading {directory})")
+    rank = config.r
     weights = directory / ADAPTER_WEIGHTS
     shapes = read_safetensors_shapes(weights)
     modules = dict(base.named_modules())

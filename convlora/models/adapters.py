@@ -10,14 +10,15 @@ from torch import nn
 
 from .._compat import quiet_peft_deprecations
 from ..tuner import ConvLoraConfig
-from .family import family_of, find_sam
+from .family import family_of, find_sam, prepare_model
 
 
 def _checked_config(model: nn.Module, config: Any) -> ConvLoraConfig:
     config = ConvLoraConfig() if config is None else config
     if not isinstance(config, ConvLoraConfig):
         raise TypeError(f"config must be a ConvLoraConfig, got {type(config).__name__}")
-    sam = find_sam(model)
+    sam = find_sam(prepare_model(model))
+    config.resolve_targets(sam.config.model_type, type(sam).__name__)
     depth = len(family_of(sam).encoder_layers(sam))
     if config.layers is not None and max(config.layers) >= depth:
         raise ValueError(f"layers {config.layers} out of range: the image encoder has {depth} layers (0..{depth - 1})")
@@ -37,8 +38,10 @@ def apply_conv_lora(
     trainable afterwards.
 
     Args:
-        model: a ``SamModel``, ``SamHQModel`` or a module containing one.
-        config: a :class:`~convlora.ConvLoraConfig`; the defaults when ``None``.
+        model: a ``SamModel``, ``SamHQModel``, ``Sam2Model``, ``Sam3TrackerModel`` (or ``Sam3Model``), or a
+            module containing one.
+        config: a :class:`~convlora.ConvLoraConfig`; the defaults when ``None``. Its target preset is resolved
+            for the model's family (in place).
         adapter_name: name of the adapter in the returned ``PeftModel``.
         plain_lora: kept for code written against convlora 0.1; the same as :func:`apply_lora`.
 

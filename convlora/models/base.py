@@ -1,8 +1,10 @@
 """The small interface every model family implements, so the rest of convlora never branches on a class.
 
-A family is one kind of transformers model (SAM, SAM-HQ, ...): how to find its image-encoder blocks and mask
-decoder, which image sizes it takes, how to resize it, and which transformers class loads it. The PEFT
-method's target presets for each family are plain data in :mod:`convlora.tuner.presets`.
+A family is one kind of transformers model (SAM, SAM-HQ, SAM 2, SAM 3): how to find its image-encoder blocks
+and mask decoder, which image sizes it takes, how to resize it, which transformers class loads it, and how
+its images are normalised. The PEFT method's target presets for each family are plain data in
+:mod:`convlora.tuner.presets`; the generic calls built on this interface (prompt-free and prompted masks)
+live in :mod:`convlora.models.family`.
 """
 
 from __future__ import annotations
@@ -13,20 +15,43 @@ from typing import Any
 
 from torch import nn
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def vision_patch_size(model: Any) -> int:
+    """``config.vision_config.patch_size`` of a SAM-1-style model (SAM, SAM-HQ)."""
+    return int(model.config.vision_config.patch_size)
+
 
 @dataclass(frozen=True)
 class ModelFamily:
     """One model family and the calls convlora makes on it.
 
     Args:
-        name: the family's name, also its key in ``convlora.tuner.presets.FAMILY_PRESETS``.
+        name: the family's name (``"sam"``, ``"sam2"``, ...).
         model_types: the transformers ``model_type`` values (``config.json``) of the family.
         model_class: returns the transformers model class (imported lazily).
         encoder_layers: the image encoder's list of blocks of a model of this family.
         image_size: the square input size of a model of this family.
+        patch_size: side of one token of the encoder's first grid, in pixels.
+        size_multiple: the input side must be a multiple of this (patching, pooling stages).
         resize: a copy of a model that takes another input size, or ``None`` if the family cannot resize.
         decoder: attribute name of the mask decoder (trained by every method).
+        presets: key of the family's target presets in ``convlora.tuner.presets.FAMILY_PRESETS``
+            (the family's name when empty).
+        multiclass: whether convlora's class-query decoder (``convlora.models.semantic``) fits this family.
+        prompt_free: whether ``model(pixel_values=x, multimask_output=False)`` gives masks without prompts.
+        image_mean: per-channel mean of the official preprocessing.
+        image_std: per-channel standard deviation of the official preprocessing.
+        pad_to_square: the official preprocessing resizes the longest side and pads (SAM) rather than
+            resizing to the square input (SAM 2, SAM 3).
+        prepare: puts a model of the family in the state fine-tuning expects (in place), or ``None``.
         description: one line for error messages and docs.
+
+    >>> from convlora.models.family import FAMILIES
+    >>> FAMILIES["sam2"].preset_family, FAMILIES["sam3"].pad_to_square
+    ('sam2', False)
     """
 
     name: str
@@ -34,9 +59,23 @@ class ModelFamily:
     model_class: Callable[[], type[nn.Module]]
     encoder_layers: Callable[[nn.Module], nn.ModuleList]
     image_size: Callable[[nn.Module], int]
+    patch_size: Callable[[nn.Module], int] = vision_patch_size
+    size_multiple: Callable[[nn.Module], int] = vision_patch_size
     resize: Callable[[nn.Module, int], nn.Module] | None = None
     decoder: str = "mask_decoder"
+    presets: str = ""
+    multiclass: bool = False
+    prompt_free: bool = True
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+    pad_to_square: bool = True
+    prepare: Callable[[nn.Module], None] | None = None
     description: str = ""
+
+    @property
+    def preset_family(self) -> str:
+        """The key of this family's presets in ``convlora.tuner.presets.FAMILY_PRESETS``."""
+        return self.presets or self.name
 
     def matches(self, module: nn.Module) -> bool:
         """Whether ``module`` is a model of this family (by its config's ``model_type``)."""

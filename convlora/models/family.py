@@ -2,27 +2,54 @@
 
 >>> from convlora.models.family import FAMILIES
 >>> sorted(FAMILIES)
-['sam', 'sam_hq']
+['sam', 'sam2', 'sam3', 'sam3_concept', 'sam_hq']
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from . import sam, sam_hq
+from . import sam, sam2, sam3, sam_hq
 from .base import ModelFamily
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (sam.FAMILY, sam_hq.FAMILY)}
+FAMILIES: dict[str, ModelFamily] = {
+    family.name: family for family in (sam.FAMILY, sam_hq.FAMILY, sam2.FAMILY, sam3.FAMILY, sam3.CONCEPT_FAMILY)
+}
+
+# SAM relatives convlora knows but cannot adapt, with the reason (by transformers model_type).
+UNSUPPORTED: dict[str, str] = {
+    "edgetam": (
+        "EdgeTAM's image encoder is a convolutional RepViT (timm) whose blocks have no attention or token-MLP "
+        "nn.Linear layers fed a (b, h, w, c) token grid, so Conv-LoRA has nothing to adapt; use SAM 2.1 "
+        "(e.g. facebook/sam2.1-hiera-tiny) for a small model"
+    ),
+}
+UNSUPPORTED["edgetam_video"] = UNSUPPORTED["edgetam"]
 
 
 def family_for_type(model_type: str | None, source: Any) -> ModelFamily:
-    """The family whose transformers ``model_type`` is ``model_type``; ``source`` names where it was read."""
+    """The family whose transformers ``model_type`` is ``model_type``; ``source`` names where it was read.
+
+    Args:
+        model_type: a transformers ``model_type`` (``config.json``).
+        source: what the type was read from, for the error message.
+
+    Raises:
+        ValueError: for model types convlora does not support (EdgeTAM says why).
+
+    >>> family_for_type("sam2_video", "config.json").name
+    'sam2'
+    """
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family
+    if model_type in UNSUPPORTED:
+        raise ValueError(f"{source} describes model_type={model_type!r}: {UNSUPPORTED[model_type]}")
     known = ", ".join(repr(t) for family in FAMILIES.values() for t in family.model_types)
     raise ValueError(f"{source} describes model_type={model_type!r}; convlora supports {known}")
 
@@ -33,9 +60,51 @@ def model_class(model_type: str | None, source: Any) -> type[nn.Module]:
 
 
 def family_of(model: nn.Module) -> ModelFamily:
-    """The family of the SAM inside ``model`` (see :func:`find_sam`)."""
+    """The family of the SAM inside ``model`` (see :func:`find_sam`).
+
+    Args:
+        model: a SAM model of any family, or a module containing one (a ``PeftModel``, a task wrapper).
+    """
     sam_model = find_sam(model)
     return family_for_type(sam_model.config.model_type, type(sam_model).__name__)
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """Put the SAM inside ``model`` in the state fine-tuning expects (its family's ``prepare``); returns ``model``.
+
+    SAM 2 and SAM 3 get their eval-time multimask fallback turned off, so that evaluation uses the mask
+    token training used. Called by ``load_sam``, ``random_sam`` and the adapter functions.
+
+    Args:
+        model: a SAM model of any family, or a module containing one.
+    """
+    family = family_of(model)
+    if family.prepare is not None:
+        family.prepare(find_sam(model))
+    return model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> int:
+    """Recompute the image encoder's blocks in the backward pass instead of storing their activations.
+
+    Works for every family, including SAM 3, whose transformers classes refuse
+    ``gradient_checkpointing_enable``: each of the encoder's ``GradientCheckpointingLayer`` blocks is switched
+    on directly, with non-reentrant checkpointing (gradients still reach adapters inside the blocks).
+
+    Args:
+        model: a SAM model of any family, or a module containing one (a ``PeftModel``).
+
+    Returns:
+        The number of blocks that now checkpoint.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    sam = find_sam(model)
+    blocks = [m for m in sam.vision_encoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for block in blocks:
+        block.gradient_checkpointing = True
+        block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+    return len(blocks)
 
 
 def find_sam(model: nn.Module) -> nn.Module:
@@ -45,17 +114,74 @@ def find_sam(model: nn.Module) -> nn.Module:
         model: any module.
 
     Raises:
-        ValueError: if no module with a ViT ``vision_encoder`` and a ``mask_decoder`` is found.
+        ValueError: if no model of a known family is found (EdgeTAM gets the reason it cannot be adapted).
     """
     for module in model.modules():
         if any(family.matches(module) for family in FAMILIES.values()):
             return module
+        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        if model_type in UNSUPPORTED:
+            raise ValueError(f"{type(module).__name__} (model_type={model_type!r}): {UNSUPPORTED[model_type]}")
     raise ValueError(
-        f"{type(model).__name__} is not a SAM model: expected a module with a ViT `vision_encoder` (with `layers`) "
-        "and a `mask_decoder`, such as transformers' SamModel or SamHQModel"
+        f"{type(model).__name__} is not a SAM model: expected a model with an image `vision_encoder` and a "
+        "`mask_decoder`, such as transformers' SamModel, SamHQModel, Sam2Model or Sam3TrackerModel"
     )
 
 
+def _checked_promptable(model: nn.Module) -> None:
+    family = family_of(model)
+    if not family.prompt_free:
+        raise ValueError(
+            f"{family.description.split(':')[0]} segments from text or exemplar prompts and has "
+            "no prompt-free or SAM-style prompted mask call; train, evaluate and predict with Sam3TrackerModel "
+            "(e.g. facebook/sam3 via convlora.load_sam)"
+        )
+
+
 def segmentation_logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Prompt-free mask logits ``(b, k, s/4, s/4)``: ``k = 1`` (binary) or one map per class."""
+    """Prompt-free mask logits ``(b, k, m, m)``: ``k = 1`` (binary) or one map per class.
+
+    ``m`` is four times the encoder's final grid: ``s / 4`` for SAM and SAM 2 (256 at 1024 px), 288 for
+    SAM 3 at 1008 px.
+
+    Every promptable family (SAM, SAM-HQ, SAM 2, SAM 3) takes ``model(pixel_values=x, multimask_output=False)``
+    without any prompt and returns one mask per image.
+
+    Args:
+        model: a SAM model of any promptable family, or a module containing one.
+        pixel_values: ``(b, 3, s, s)`` normalised images at the model's input size.
+    """
+    _checked_promptable(model)
     return model(pixel_values=pixel_values, multimask_output=False).pred_masks[:, 0]
+
+
+def prompted_logits(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    *,
+    input_boxes: torch.Tensor | None = None,
+    input_points: torch.Tensor | None = None,
+    input_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prompted mask logits ``(b, p, m, m)``: one mask per box (or per point set) of each image.
+
+    The prompt tensors follow transformers' SAM convention, in input-pixel coordinates, for every family.
+
+    Args:
+        model: a SAM model of any promptable family, or a module containing one.
+        pixel_values: ``(b, 3, s, s)`` normalised images at the model's input size.
+        input_boxes: ``(b, p, 4)`` boxes ``x0, y0, x1, y1``.
+        input_points: ``(b, p, n, 2)`` points ``x, y``.
+        input_labels: ``(b, p, n)`` point labels (1 foreground, 0 background).
+    """
+    _checked_promptable(model)
+    if input_boxes is None and input_points is None:
+        raise ValueError("prompted_logits needs input_boxes or input_points; use segmentation_logits without prompts")
+    output = model(
+        pixel_values=pixel_values,
+        input_boxes=input_boxes,
+        input_points=input_points,
+        input_labels=input_labels,
+        multimask_output=False,
+    )
+    return output.pred_masks[:, :, 0]

@@ -7,12 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
+from transformers import AutoConfig
 
 from . import embedded
-from .family import find_sam, model_class
+from .family import family_of, model_class, prepare_model
 from .merged_io import MERGED_WEIGHTS_NAME, load_merged
-from .sam import resize_sam
+
+# Learned position tables of every family, drawn from N(0, 0.02) by random_sam.
+POSITION_TABLES = ("pos_embed", "pos_embed_window", "position_embeddings", "rel_pos_h", "rel_pos_w")
 
 
 def random_sam(config: Any, seed: int = 0) -> nn.Module:
@@ -21,10 +25,12 @@ def random_sam(config: Any, seed: int = 0) -> nn.Module:
     transformers initialises SAM's image encoder with a standard deviation of 1e-10 and its neck norms
     at zero, which is right before loading pretrained weights but makes a random model ignore its
     image. This resets every layer with PyTorch's default initialisation instead and draws the position
-    tables from ``N(0, 0.02)``.
+    tables from ``N(0, 0.02)``: SAM's ``pos_embed`` and relative tables, SAM 2's background and window
+    embeddings (zeros in transformers), SAM 3's tiled ``position_embeddings``.
 
     Args:
-        config: a ``SamConfig`` (or ``SamHQConfig``; the model class follows ``config.model_type``).
+        config: a ``SamConfig``, ``SamHQConfig``, ``Sam2Config`` or ``Sam3TrackerConfig`` (the model class
+            follows ``config.model_type``).
         seed: random seed, so the same config and seed give the same weights.
 
     >>> from convlora.models import tiny_sam_config
@@ -38,7 +44,7 @@ def random_sam(config: Any, seed: int = 0) -> nn.Module:
             if hasattr(module, "reset_parameters") and not name.endswith("shared_image_embedding"):
                 module.reset_parameters()
         for name, param in model.named_parameters():
-            if name.endswith(("pos_embed", "rel_pos_h", "rel_pos_w")):
+            if name.endswith(POSITION_TABLES):
                 nn.init.normal_(param, std=0.02)
             elif name.endswith("shared_image_embedding.positional_embedding"):
                 # transformers draws these Fourier frequencies with std hidden_size / 2, which makes neighbouring
@@ -46,7 +52,7 @@ def random_sam(config: Any, seed: int = 0) -> nn.Module:
                 nn.init.normal_(param, std=1.0)
     finally:
         torch.random.set_rng_state(generator_state)
-    return model.eval()
+    return prepare_model(model).eval()
 
 
 def load_sam(name_or_path: str | Path, *, image_size: int | None = None, local_files_only: bool = False) -> nn.Module:
@@ -59,7 +65,8 @@ def load_sam(name_or_path: str | Path, *, image_size: int | None = None, local_f
     Args:
         name_or_path: e.g. ``"facebook/sam-vit-base"``, ``"flaviagiammarino/medsam-vit-base"``, or a
             directory with ``config.json`` and safetensors weights.
-        image_size: resize the model to this input size (see :func:`resize_sam`).
+        image_size: resize the model to this input size (its family's ``resize``, e.g. :func:`resize_sam`);
+            a family that cannot resize refuses another size.
         local_files_only: never try the network.
 
     >>> model = load_sam("facebook/sam-vit-base")  # doctest: +SKIP
@@ -94,10 +101,31 @@ def load_sam(name_or_path: str | Path, *, image_size: int | None = None, local_f
                 f"Could not load SAM model {name!r}: not an embedded model ({sorted(embedded.EMBEDDED_MODELS)}), "
                 f"not a local directory, and the hub could not provide it ({error.__class__.__name__}: {error})"
             ) from error
-    find_sam(model)
+    prepare_model(model)
     if image_size is not None:
-        model = resize_sam(model, image_size)
+        model = resize_model(model, image_size)
     return model
+
+
+def resize_model(model: nn.Module, image_size: int) -> nn.Module:
+    """``model`` at ``image_size`` through its family's ``resize`` (unchanged when it already has that size).
+
+    Args:
+        model: a SAM model of any family (not wrapped in PEFT).
+        image_size: new square input size.
+
+    >>> from convlora.models.sam import tiny_sam_config
+    >>> resize_model(random_sam(tiny_sam_config()), 96).config.vision_config.image_size
+    96
+    """
+    family = family_of(model)
+    if image_size == family.image_size(model):
+        return model
+    if family.resize is None:
+        raise ValueError(
+            f"image_size={image_size}: {family.description} cannot be resized; it takes {family.image_size(model)} px"
+        )
+    return family.resize(model, image_size)
 
 
 def _from_pretrained(model_cls: type[nn.Module], source: str | Path, **kwargs: Any) -> nn.Module:
@@ -106,8 +134,6 @@ def _from_pretrained(model_cls: type[nn.Module], source: str | Path, **kwargs: A
     transformers would re-initialise missing or mis-shaped tensors at random with a warning; a partly random
     SAM is refused here instead, naming a tensor (and both shapes).
     """
-    from safetensors import SafetensorError
-
     try:
         model, info = model_cls.from_pretrained(
             source, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
@@ -139,7 +165,6 @@ def _read_model_type(config_file: Path) -> str:
 
 
 def _hub_model_class(name: str, local_files_only: bool) -> type[nn.Module]:
-    from transformers import AutoConfig
 
     # never run code shipped with a checkpoint (transformers would ask interactively when this is unset)
     config = AutoConfig.from_pretrained(name, local_files_only=local_files_only, trust_remote_code=False)

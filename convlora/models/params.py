@@ -1,4 +1,4 @@
-"""Parameter counts: of any module, and of released SAM variants with adapters (on the meta device)."""
+"""Parameter counts: of any module, and of released SAM / SAM 2 / SAM 3 variants with adapters (meta device)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,21 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import SamModel
 
 from ..tuner import ConvLoraConfig
 from .adapters import apply_conv_lora
+from .family import FAMILIES
 from .merged_io import merged_extra_parameters
-from .sam import sam_config
+from .sam import SAM_VARIANTS, sam_config
+from .sam2 import SAM2_VARIANTS, sam2_config
+from .sam3 import sam3_config
+
+# The released variants of each family, and the config builder of one (all built locally, no download).
+FAMILY_VARIANTS: dict[str, dict[str, Any]] = {
+    "sam": {name: (lambda name=name: sam_config(name)) for name in SAM_VARIANTS},
+    "sam2": {name: (lambda name=name: sam2_config(name)) for name in SAM2_VARIANTS},
+    "sam3": {"sam3": sam3_config},
+}
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -34,13 +43,18 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return total
 
 
-def parameter_counts(variant: str = "vit-b", config: Any = None, *, plain_lora: bool = False) -> dict[str, Any]:
-    """Parameter counts of a released SAM variant with adapters, built on the meta device (no weights).
+def parameter_counts(
+    variant: str = "vit-b", config: Any = None, *, plain_lora: bool = False, family: str = "sam"
+) -> dict[str, Any]:
+    """Parameter counts of a released model variant with adapters, built on the meta device (no weights).
 
     Args:
-        variant: ``"vit-b"``, ``"vit-l"`` or ``"vit-h"``.
+        variant: a key of ``FAMILY_VARIANTS[family]``: ``"vit-b"``, ``"vit-l"``, ``"vit-h"`` (SAM);
+            ``"hiera-tiny"``, ``"hiera-small"``, ``"hiera-base-plus"``, ``"hiera-large"`` (SAM 2 / 2.1);
+            ``"sam3"`` (SAM 3).
         config: the adapter configuration (defaults when ``None``).
         plain_lora: count PEFT's LoRA with the same targets instead of Conv-LoRA.
+        family: ``"sam"``, ``"sam2"`` or ``"sam3"``.
 
     Returns:
         A dict with ``model`` (base parameters), ``adapter`` (LoRA or Conv-LoRA tensors),
@@ -52,8 +66,14 @@ def parameter_counts(variant: str = "vit-b", config: Any = None, *, plain_lora: 
     93735728
     """
     config = ConvLoraConfig() if config is None else config
+    if family not in FAMILY_VARIANTS:
+        raise ValueError(f"family must be one of {sorted(FAMILY_VARIANTS)}, got {family!r}")
+    if variant not in FAMILY_VARIANTS[family]:
+        raise ValueError(f"Unknown {family} variant {variant!r}; choose one of {sorted(FAMILY_VARIANTS[family])}")
+    model_config = FAMILY_VARIANTS[family][variant]()
+    model_cls = next(f for f in FAMILIES.values() if model_config.model_type in f.model_types).model_class()
     with torch.device("meta"):
-        model = SamModel(sam_config(variant))
+        model = model_cls(model_config)
     base_total = count_parameters(model)
     decoder = count_parameters(model.mask_decoder)
     peft_model = apply_conv_lora(model, config, plain_lora=plain_lora)
@@ -62,6 +82,7 @@ def parameter_counts(variant: str = "vit-b", config: Any = None, *, plain_lora: 
     trainable = count_parameters(peft_model, trainable_only=True)
     merged = peft_model.merge_and_unload()
     return {
+        "family": family,
         "variant": variant,
         "method": "lora" if plain_lora else "conv_lora",
         "model": base_total,

@@ -190,5 +190,6 @@ FAMILY = ModelFamily(
     encoder_layers=encoder_layers,
     image_size=image_size,
     resize=resize_sam,
+    multiclass=True,
     description="SAM (SamModel; MedSAM, SlimSAM): ViT image encoder with fused attn.qkv",
 )

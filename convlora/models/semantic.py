@@ -12,6 +12,7 @@ MLP shared by all classes, initialised from SAM's first one. Its output is one m
 segmentation head. The class of each token is fixed, so no bipartite matching (as in MaskFormer-style
 set prediction) is needed, any number of classes works (the cost is one extra token per class in the
 decoder's attention), and the shared MLP keeps the added parameters at ``num_classes * d`` plus one MLP.
+SAM 2's and SAM 3's decoders get the same treatment in :mod:`convlora.models.semantic_sam2`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 from torch import nn
 from transformers.models.sam.modeling_sam import SamMaskDecoder
 
-from .family import find_sam
+from .family import family_of, find_sam
+from .semantic_sam2 import CLASS_QUERY_DECODERS, ClassQueries
 
 
 class ClassQueryMaskDecoder(SamMaskDecoder):
@@ -97,7 +99,7 @@ def install_class_decoder(model: nn.Module, num_classes: int) -> nn.Module:
     token and MLP. Call it before applying adapters, and identically before loading a trained adapter.
 
     Args:
-        model: a ``SamModel`` (not wrapped in PEFT).
+        model: a ``SamModel``, ``Sam2Model`` or ``Sam3TrackerModel`` (not wrapped in PEFT).
         num_classes: classes including the background.
 
     >>> from convlora.models import random_sam, tiny_sam_config
@@ -106,14 +108,16 @@ def install_class_decoder(model: nn.Module, num_classes: int) -> nn.Module:
     torch.Size([1, 1, 12, 32, 32])
     """
     sam = find_sam(model)
+    family = family_of(sam)
     old = sam.mask_decoder
-    if type(old) is not SamMaskDecoder:
+    decoder_cls = ClassQueryMaskDecoder if type(old) is SamMaskDecoder else CLASS_QUERY_DECODERS.get(type(old))
+    if not family.multiclass or decoder_cls is None:
         raise ValueError(
-            f"Multi-class segmentation needs SAM's standard mask decoder, found {type(old).__name__} "
-            "(SAM-HQ models support binary segmentation only)"
+            f"Multi-class segmentation (num_classes={num_classes}) needs the standard mask decoder of SAM, SAM 2 "
+            f"or SAM 3, found {type(old).__name__}: {family.description} supports binary segmentation only"
         )
     reference = next(old.parameters())
-    decoder = ClassQueryMaskDecoder(sam.config.mask_decoder_config, num_classes)
+    decoder = decoder_cls(sam.config.mask_decoder_config, num_classes)
     decoder.to(device=reference.device, dtype=reference.dtype)
     missing, unexpected = decoder.load_state_dict(old.state_dict(), strict=False)
     new_parameters = {n for n, _ in decoder.named_parameters() if n.startswith(("class_tokens", "class_mlp"))}
@@ -128,6 +132,6 @@ def install_class_decoder(model: nn.Module, num_classes: int) -> nn.Module:
 def class_decoder_classes(model: nn.Module) -> int | None:
     """Number of classes of a model's class-query decoder, or ``None`` for SAM's standard decoder."""
     for module in model.modules():
-        if isinstance(module, ClassQueryMaskDecoder):
+        if isinstance(module, (ClassQueryMaskDecoder, ClassQueries)):
             return module.num_classes
     return None

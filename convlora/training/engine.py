@@ -31,7 +31,8 @@ from transformers import get_cosine_schedule_with_warmup
 from .._compat import forget_accelerate_settings
 from .._io import check_versioned, write_json
 from ..data import build_datasets
-from ..models import count_parameters, family_of, find_sam, load_sam, segmentation_logits
+from ..models import count_parameters, family_of, load_sam, segmentation_logits
+from ..models.family import enable_gradient_checkpointing
 from ..tuner.moe import moe_aux_loss
 from .artifact import TaskInfo, continue_from_export, export_trained, load_trained
 from .checkpoint import (
@@ -123,15 +124,6 @@ def epoch_order(num_samples: int, seed: int, epoch: int, rank: int = 0, world_si
     order = torch.randperm(num_samples, generator=generator).tolist()
     per_process = num_samples // world_size
     return order[rank::world_size][:per_process]
-
-
-def _enable_gradient_checkpointing(model: nn.Module) -> None:
-    sam = find_sam(model)
-    kwargs = {"use_reentrant": False}
-    if hasattr(sam, "activation_checkpointing_enable"):
-        sam.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        sam.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
@@ -345,7 +337,7 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
     else:
         model = build_task_model(base, task, adapter_config, freeze_iou_head=config.freeze_iou_head)
     if config.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
 

@@ -134,7 +134,8 @@ def freeze_unused_decoder_parts(model: nn.Module, mode: str) -> list[str]:
     parts keep their pretrained values (no weight decay drift) and distributed training needs no
     unused-parameter search for them.
     """
-    unused = ["iou_prediction_head", "iou_token"]
+    # SAM 2 / 3 also score whether an object is there at all (pred_obj_score_head): no mask loss reaches it
+    unused = ["iou_prediction_head", "iou_token", "pred_obj_score_head"]
     if mode == "binary":
         unused += ["output_hypernetworks_mlps.1.", "output_hypernetworks_mlps.2.", "output_hypernetworks_mlps.3."]
     else:

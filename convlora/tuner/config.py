@@ -41,7 +41,8 @@ class ConvLoraConfig(PeftConfig):
             is ``"qkv"``. Resolved against the model the config is applied to (its ``model_type``).
         layers: indices of the image-encoder layers (blocks) to adapt; all layers when ``None``.
         family: the preset family the targets are for (``"sam"``, ``"sam_hq"``, ``"sam2"``, ``"sam3"``); read
-            from the model when unset, and recorded in the saved adapter so that it refuses another family.
+            from the model when unset, and recorded in the saved adapter (for families other than SAM's) so
+            that it refuses a model of another family.
         num_experts: number of conv experts.
         expert_scales: resize factor of each expert; ``1, 2, ..., num_experts`` when ``None``.
         top_k: experts chosen per sample by the gate.
@@ -217,11 +218,15 @@ class ConvLoraConfig(PeftConfig):
                     f"{model_type!r}; give target_modules explicitly"
                 )
             return
-        if self.family is not None and (self._family_given or not self._from_preset):
-            if not _same_layout(self.family, family):
+        made_for = self.family
+        if made_for is None and not self._from_preset and isinstance(self.target_modules, str):
+            # Adapters saved before families existed (and hand-written regexes): the encoder path names the family.
+            made_for = next((name for name, path in ENCODER_LAYERS.items() if path in self.target_modules), None)
+        if made_for is not None and (self._family_given or not self._from_preset):
+            if not _same_layout(made_for, family):
                 raise ValueError(
-                    f"This Conv-LoRA config targets a {self.family} model (target_modules {self.target_modules!r}) "
-                    f"but {model_name} is a {family} model (model_type={model_type!r}); use a {self.family} base "
+                    f"This Conv-LoRA config targets a {made_for} model (target_modules {self.target_modules!r}) "
+                    f"but {model_name} is a {family} model (model_type={model_type!r}); use a {made_for} base "
                     f"or a config made for {family}"
                 )
             return
@@ -233,7 +238,15 @@ class ConvLoraConfig(PeftConfig):
                 f"{sorted(FAMILY_PRESETS[family])}"
             )
         self.target_modules = target_modules_pattern(preset, self.layers, family)
-        self.family = family
+        # SAM's targets are what every config meant before families existed: saved exactly as then, no family.
+        self.family = None if _same_layout(family, "sam") else family
+
+    def to_dict(self) -> dict[str, Any]:
+        """The saved form; ``family`` only when set, so a SAM adapter is written exactly as before families existed."""
+        data = super().to_dict()
+        if data.get("family") is None:
+            data.pop("family", None)
+        return data
 
     @property
     def scaling(self) -> float:

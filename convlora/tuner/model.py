@@ -38,7 +38,9 @@ class ConvLoraModel(BaseTuner):
     target_module_mapping: ClassVar[dict[str, list[str]]] = {}
 
     def _prepare_adapter_config(self, peft_config: ConvLoraConfig, model_config: dict) -> ConvLoraConfig:
-        # ConvLoraConfig always resolves its target_modules (from the preset) when it is created.
+        # A preset names different modules in each model family: resolve it for this model's model_type (and
+        # refuse an adapter saved for another family) before PEFT matches target_modules.
+        peft_config.resolve_targets(model_config.get("model_type"), type(self.model).__name__)
         return peft_config
 
     def _create_and_replace(
