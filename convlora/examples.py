@@ -118,7 +118,7 @@ def zero_shot_metrics(config: Any) -> dict[str, float]:
     data = build_datasets(config)
     base = load_sam(config.model, image_size=config.image_size)
     size = family_of(base).image_size(base)
-    data.set_image_size(size)
+    data.set_image_size(size, family_of(base).input_format)
     task = TaskInfo(
         data.mode, data.num_classes, list(data.class_names), size, config.model, "decoder",
         image_reading=data.image_reading,

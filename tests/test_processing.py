@@ -163,3 +163,38 @@ def test_save_mask_png_rejects_bad_masks(tmp_path):
     with pytest.raises(ValueError, match=r"\.png"):
         save_mask_png(np.array([[0, 1]]), tmp_path / "a.jpg")
     assert not list(tmp_path.iterdir())
+
+
+def test_families_that_resize_to_the_square_get_their_own_normalisation_and_no_padding():
+    from convlora.models.family import FAMILIES
+    from convlora.models.processing import InputFormat, ResizeInfo
+
+    sam3 = FAMILIES["sam3"].input_format
+    assert sam3 == InputFormat((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), pad_to_square=False)
+    image = np.zeros((10, 20, 3), np.uint8)
+    image[:, :10] = 255  # left half white
+    pixel_values, info = preprocess(image, 32, sam3)
+    assert info == ResizeInfo((10, 20), (32, 32), 32)
+    # stretched to the whole square (no padding), white -> (1 - 0.5) / 0.5 = 1, black -> -1
+    assert pixel_values[:, :, :14].min().item() == pytest.approx(1.0)
+    assert pixel_values[:, :, 18:].max().item() == pytest.approx(-1.0)
+    labels = preprocess_mask((image[..., 0] > 0).astype(np.uint8), 32, pad_to_square=False)
+    assert labels.shape == (32, 32) and labels.max().item() == 1 and (labels == 255).sum().item() == 0
+    logits = torch.full((1, 1, 8, 8), -5.0)
+    logits[..., :4] = 5.0
+    restored = postprocess_masks(logits, info)
+    assert restored.shape == (1, 1, 10, 20)
+    assert bool((restored[0, 0, :, :8] > 0).all()) and bool((restored[0, 0, :, 12:] < 0).all())
+
+
+def test_a_sam2_dataset_reads_images_the_way_the_family_expects(tmp_path):
+    from convlora.data import load_datasets
+    from convlora.models.family import FAMILIES
+    from convlora.synthetic import write_dataset
+
+    write_dataset("polyp", tmp_path / "d", train=2, val=1, test=0, size=40, seed=0)
+    data = load_datasets(tmp_path / "d", image_size=32)
+    data.set_image_size(32, FAMILIES["sam2"].input_format)
+    item = data.train[0]
+    assert item["labels"].shape == (32, 32) and int((item["labels"] == 255).sum()) == 0  # no padded border
+    assert data.train.resize_info(0).resized_size == (32, 32)

@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..models.processing import IGNORE_INDEX, ResizeInfo, postprocess_masks, preprocess, preprocess_mask
+from ..models.processing import (
+    IGNORE_INDEX,
+    SAM_INPUT,
+    InputFormat,
+    ResizeInfo,
+    postprocess_masks,
+    preprocess,
+    preprocess_mask,
+)
 from .classes import Color
 from .decode import ImageReading, mask_to_labels, read_image, read_image_size, read_mask
 from .discover import split_samples
@@ -56,6 +64,8 @@ class SegmentationDataset(Dataset):
         class_names: a name per class, for reports.
         reading: how images are read (:class:`~convlora.data.ImageReading` or its dict; defaults when ``None``).
         class_colors: ``(r, g, b)`` -> class id, for colour-coded masks.
+        input_format: the model family's normalisation and resizing (SAM's by default; see
+            ``ModelFamily.input_format``).
 
     >>> dataset = SegmentationDataset([Sample("a.png", "a_mask.png", key="a")], image_size=256)
     >>> len(dataset)
@@ -75,6 +85,7 @@ class SegmentationDataset(Dataset):
         class_names: Sequence[str] | None = None,
         reading: ImageReading | Mapping[str, Any] | None = None,
         class_colors: Mapping[Color, int] | None = None,
+        input_format: InputFormat = SAM_INPUT,
     ) -> None:
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} or None (unlabelled), got {mode!r}")
@@ -101,6 +112,7 @@ class SegmentationDataset(Dataset):
         self.class_names = list(class_names) if class_names is not None else None
         self.reading = ImageReading.of(reading)
         self.class_colors = dict(class_colors) if class_colors else None
+        self.input_format = input_format
 
     @classmethod
     def from_report(
@@ -170,10 +182,13 @@ class SegmentationDataset(Dataset):
         labels = self._labels(sample, image.shape[:2])
         if self.augment is not None and self.augment.enabled:
             generator = sample_generator(self.seed, self.epoch, index)
-            pixel_values, target = augment_sample(image, labels, self.image_size, self.augment, generator)
+            pixel_values, target = augment_sample(
+                image, labels, self.image_size, self.augment, generator, self.input_format
+            )
         else:
-            pixel_values, _ = preprocess(image, self.image_size)
-            target = None if labels is None else preprocess_mask(labels, self.image_size)
+            pixel_values, _ = preprocess(image, self.image_size, self.input_format)
+            pad = self.input_format.pad_to_square
+            target = None if labels is None else preprocess_mask(labels, self.image_size, pad)
         item: dict[str, Any] = {
             "pixel_values": pixel_values,
             "original_size": torch.tensor(image.shape[:2], dtype=torch.int64),
@@ -212,7 +227,7 @@ class SegmentationDataset(Dataset):
 
     def resize_info(self, index: int) -> ResizeInfo:
         """How sample ``index`` is fitted into the input (without augmentation)."""
-        return ResizeInfo.fit(self.original_size(index), self.image_size)
+        return ResizeInfo.fit(self.original_size(index), self.image_size, self.input_format.pad_to_square)
 
     def original_image(self, index: int) -> np.ndarray:
         """A sample's image as uint8 ``(h, w, 3)`` at its original size."""
@@ -272,11 +287,13 @@ class SegmentationData:
     image_reading: dict[str, Any] = field(default_factory=lambda: ImageReading().to_dict())
     domain: str | None = None
 
-    def set_image_size(self, image_size: int) -> None:
-        """Fit every dataset to a model input of ``image_size``."""
+    def set_image_size(self, image_size: int, input_format: InputFormat | None = None) -> None:
+        """Fit every dataset to a model input of ``image_size`` (and the model family's ``input_format``)."""
         for dataset in (self.train, self.val, self.test):
             if dataset is not None:
                 dataset.image_size = image_size
+                if input_format is not None:
+                    dataset.input_format = input_format
 
     def summary(self) -> str:
         """A few lines for the run's log: sizes, mode, classes, how files were read, skipped samples."""

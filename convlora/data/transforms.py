@@ -22,6 +22,8 @@ import torch
 
 from ..models.processing import (
     IGNORE_INDEX,
+    SAM_INPUT,
+    InputFormat,
     as_tensor,
     image_to_tensor,
     normalize,
@@ -129,6 +131,7 @@ def augment_sample(
     input_size: int,
     config: AugmentConfig,
     generator: torch.Generator,
+    input_format: InputFormat = SAM_INPUT,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Augment and fit one sample into the model's square input.
 
@@ -138,6 +141,8 @@ def augment_sample(
         input_size: the model's square input size ``S``.
         config: the augmentation settings.
         generator: the sample's generator (see :func:`sample_generator`).
+        input_format: the model family's normalisation and resizing (zoom then acts on the square input
+            for families that resize to the square instead of padding).
 
     Returns:
         ``pixel_values`` float32 ``(3, S, S)`` and int64 ``(S, S)`` labels (``None`` without labels).
@@ -162,7 +167,8 @@ def augment_sample(
 
     low, high = config.scale
     zoom = low + (high - low) * draws[_SCALE]
-    height, width = resized_shape(tuple(pixels.shape[:2]), max(1, round(input_size * zoom)))
+    side = max(1, round(input_size * zoom))
+    height, width = resized_shape(tuple(pixels.shape[:2]), side) if input_format.pad_to_square else (side, side)
     tensor = resize_image(image_to_tensor(pixels), (height, width))  # (3, h, w) in [0, 1]
     if target is not None:
         target = resize_labels(target, (height, width))
@@ -173,7 +179,7 @@ def augment_sample(
         target = target[top : top + input_size, left : left + input_size]
 
     tensor = _color_jitter(tensor, mean_grey, config.jitter, draws)
-    pixel_values = pad_square(normalize(tensor), input_size)
+    pixel_values = pad_square(normalize(tensor, input_format.mean, input_format.std), input_size)
     if target is not None:
         target = pad_square(target, input_size, value=IGNORE_INDEX)
     return pixel_values, target

@@ -15,8 +15,7 @@ from typing import Any
 
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .processing import IMAGENET_MEAN, IMAGENET_STD, InputFormat
 
 
 def vision_patch_size(model: Any) -> int:
@@ -71,6 +70,11 @@ class ModelFamily:
     pad_to_square: bool = True
     prepare: Callable[[nn.Module], None] | None = None
     description: str = ""
+
+    @property
+    def input_format(self) -> InputFormat:
+        """The normalisation and resizing of this family's own processor, for convlora's preprocessing."""
+        return InputFormat(self.image_mean, self.image_std, self.pad_to_square)
 
     @property
     def preset_family(self) -> str:

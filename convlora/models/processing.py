@@ -43,16 +43,41 @@ PALETTE = np.array([
 
 
 @dataclass(frozen=True)
+class InputFormat:
+    """How a model family's own processor turns an image into ``pixel_values``.
+
+    Args:
+        mean: per-channel mean subtracted from the [0, 1] image.
+        std: per-channel standard deviation it is divided by.
+        pad_to_square: resize the longest side to the input size and pad bottom/right (SAM), or resize the
+            image to the square input as it is (SAM 2 and SAM 3).
+
+    >>> InputFormat().pad_to_square, InputFormat(mean=(0.5,) * 3, std=(0.5,) * 3, pad_to_square=False).mean
+    (True, (0.5, 0.5, 0.5))
+    """
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    pad_to_square: bool = True
+
+
+SAM_INPUT = InputFormat()
+
+
+@dataclass(frozen=True)
 class ResizeInfo:
     """How one image was fitted into the model's square input; all that postprocessing needs.
 
     Args:
         original_size: ``(h, w)`` of the image as read.
-        resized_size: ``(h, w)`` after resizing the longest side to ``input_size``.
-        input_size: side ``S`` of the padded square input.
+        resized_size: ``(h, w)`` after resizing: the longest side to ``input_size`` (padded inputs), or
+            ``(input_size, input_size)`` (inputs resized to the square as they are).
+        input_size: side ``S`` of the square input.
 
     >>> ResizeInfo.fit((480, 640), 1024).resized_size
     (768, 1024)
+    >>> ResizeInfo.fit((480, 640), 1024, pad_to_square=False).resized_size
+    (1024, 1024)
     """
 
     original_size: tuple[int, int]
@@ -60,10 +85,15 @@ class ResizeInfo:
     input_size: int
 
     @classmethod
-    def fit(cls, original_size: tuple[int, int] | torch.Tensor, input_size: int) -> ResizeInfo:
+    def fit(
+        cls, original_size: tuple[int, int] | torch.Tensor, input_size: int, pad_to_square: bool = True
+    ) -> ResizeInfo:
         """The ``ResizeInfo`` of an image of ``original_size`` for a model input of ``input_size``."""
         height, width = (int(v) for v in original_size)
-        return cls((height, width), resized_shape((height, width), input_size), int(input_size))
+        if height <= 0 or width <= 0:
+            raise ValueError(f"original_size must be positive, got {(height, width)}")
+        resized = resized_shape((height, width), input_size) if pad_to_square else (int(input_size),) * 2
+        return cls((height, width), resized, int(input_size))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able copy."""
@@ -131,11 +161,13 @@ def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return resized[0, 0].long()
 
 
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """ImageNet normalisation of a ``(3, h, w)`` image in [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=image.dtype).view(3, 1, 1)
-    return (image - mean) / std
+def normalize(
+    image: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> torch.Tensor:
+    """Per-channel normalisation (ImageNet's by default) of a ``(3, h, w)`` image in [0, 1]."""
+    mean_t = torch.tensor(mean, dtype=image.dtype).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=image.dtype).view(3, 1, 1)
+    return (image - mean_t) / std_t
 
 
 def pad_square(tensor: torch.Tensor, input_size: int, value: float = 0.0) -> torch.Tensor:
@@ -146,12 +178,15 @@ def pad_square(tensor: torch.Tensor, input_size: int, value: float = 0.0) -> tor
     return F.pad(tensor, (0, input_size - width, 0, input_size - height), value=value)
 
 
-def preprocess(image: np.ndarray | torch.Tensor, input_size: int = 1024) -> tuple[torch.Tensor, ResizeInfo]:
+def preprocess(
+    image: np.ndarray | torch.Tensor, input_size: int = 1024, input_format: InputFormat = SAM_INPUT
+) -> tuple[torch.Tensor, ResizeInfo]:
     """SAM's input for one image: resize longest side, scale to [0, 1], normalise, pad bottom/right.
 
     Args:
         image: uint8 ``(h, w, 3)`` RGB image (see ``convlora.data.read_image``).
         input_size: the model's square input size ``S``.
+        input_format: the family's normalisation and resizing (SAM's by default; see ``ModelFamily``).
 
     Returns:
         ``pixel_values`` float32 ``(3, S, S)`` (padding is 0, i.e. the mean colour) and the
@@ -162,13 +197,13 @@ def preprocess(image: np.ndarray | torch.Tensor, input_size: int = 1024) -> tupl
     ((16, 32), 0.0)
     """
     tensor = image_to_tensor(image)
-    info = ResizeInfo.fit(tensor.shape[-2:], input_size)
-    pixel_values = normalize(resize_image(tensor, info.resized_size))
+    info = ResizeInfo.fit(tensor.shape[-2:], input_size, input_format.pad_to_square)
+    pixel_values = normalize(resize_image(tensor, info.resized_size), input_format.mean, input_format.std)
     return pad_square(pixel_values, input_size), info
 
 
 def preprocess_batch(
-    images: list[np.ndarray] | list[torch.Tensor], input_size: int = 1024
+    images: list[np.ndarray] | list[torch.Tensor], input_size: int = 1024, input_format: InputFormat = SAM_INPUT
 ) -> tuple[torch.Tensor, list[ResizeInfo]]:
     """:func:`preprocess` for several images of any sizes: ``(b, 3, S, S)`` and one ``ResizeInfo`` each.
 
@@ -176,16 +211,19 @@ def preprocess_batch(
     >>> batch.shape, infos[1].resized_size
     (torch.Size([2, 3, 16, 16]), (8, 16))
     """
-    pairs = [preprocess(image, input_size) for image in images]
+    pairs = [preprocess(image, input_size, input_format) for image in images]
     return torch.stack([pixel_values for pixel_values, _ in pairs]), [info for _, info in pairs]
 
 
-def preprocess_mask(mask: np.ndarray | torch.Tensor, input_size: int = 1024) -> torch.Tensor:
+def preprocess_mask(
+    mask: np.ndarray | torch.Tensor, input_size: int = 1024, pad_to_square: bool = True
+) -> torch.Tensor:
     """A label map fitted like its image: nearest resize of the longest side, padding set to ignore (255).
 
     Args:
         mask: integer ``(h, w)`` class ids (255 = ignore).
         input_size: the model's square input size ``S``.
+        pad_to_square: as the image's :class:`InputFormat` (``False``: resized to the square as it is).
 
     Returns:
         int64 ``(S, S)`` labels.
@@ -196,7 +234,7 @@ def preprocess_mask(mask: np.ndarray | torch.Tensor, input_size: int = 1024) -> 
     labels = as_tensor(mask)
     if labels.ndim != 2:
         raise ValueError(f"mask must be a (h, w) array of class ids, got shape {tuple(labels.shape)}")
-    info = ResizeInfo.fit(labels.shape, input_size)
+    info = ResizeInfo.fit(labels.shape, input_size, pad_to_square)
     return pad_square(resize_labels(labels, info.resized_size), input_size, value=IGNORE_INDEX)
 
 

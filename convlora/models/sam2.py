@@ -15,7 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, ModelFamily
+from .base import ModelFamily
+from .processing import IMAGENET_MEAN, IMAGENET_STD
 
 # Hiera hyper-parameters of the released checkpoints (facebook/sam2{,.1}-hiera-{tiny,small,base-plus,large}).
 SAM2_VARIANTS: dict[str, dict[str, Any]] = {

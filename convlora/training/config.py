@@ -69,10 +69,7 @@ class TrainConfig:
     source of ``convlora train --help``, of the configuration reference and of the validation here; the
     fields are listed, grouped, with their types and defaults by ``convlora train --help``. Fields left
     unset (``None``) are resolved when a run starts: ``lr`` by the base model's size class
-    (:func:`resolve_defaults`).
-
-    Args:
-        **fields: one keyword per field; ``convlora train --help`` lists them with types, defaults and help.
+    (:func:`resolve_defaults`). Construct it with one keyword per field.
 
     >>> config = TrainConfig(data="data/polyp", epochs=3)
     >>> config.lr is None, TrainConfig.__dataclass_fields__["lr"].metadata["group"]

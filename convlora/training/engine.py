@@ -317,7 +317,8 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
     base = load_sam(config.model, image_size=config.image_size)
     config, defaults = resolve_defaults(config, base)
     notes += defaults
-    image_size = family_of(base).image_size(base)
+    family = family_of(base)
+    image_size = family.image_size(base)
     task = TaskInfo(
         mode=data.mode,
         num_classes=data.num_classes,
@@ -327,7 +328,7 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
         method=config.method,
         image_reading=data.image_reading,
     )
-    data.set_image_size(image_size)
+    data.set_image_size(image_size, family.input_format)
     adapter_config = config.adapter_config() if METHODS[config.method].uses_adapter else None
     if config.init_adapter is not None:
         model = continue_from_export(
