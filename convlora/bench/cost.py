@@ -1,10 +1,13 @@
 """Cost runs: each measurement in a fresh process, results as absolute values and as ratios to LoRA.
 
 The reference point measures every method (trainable parameters, artifact bytes, step time, peak
-memory) and, in one more process, the inference latency of the base model and of LoRA / Conv-LoRA
-merged into it, side by side. Sweeps repeat the train-step measurement of a few methods over image
-sizes and batch sizes. Measurements are cached in the work folder by their full specification, so an
-interrupted run resumes; ``fresh=True`` measures everything again (timings from another day and load
+memory), each in its own process; then the step times again with all methods in one process, stepped
+in turn so that the load of a shared machine hits them alike (``step_seconds`` and the ratios come from
+that run, ``step_seconds_isolated`` keeps the first); and, in one more process, the inference latency
+of the base model and of LoRA / Conv-LoRA merged into it, side by side. Sweeps repeat the train-step
+measurements (isolated and interleaved) of a few methods over image sizes and batch sizes.
+Measurements are cached in the work folder by their full specification, so an interrupted run
+resumes; ``fresh=True`` measures everything again (timings from another day and load
 should not be mixed into one table).
 
 >>> ratios({"lora": {"x": 2.0}, "conv_lora": {"x": 3.0}}, ["x"])["conv_lora"]["x"]
@@ -41,6 +44,10 @@ def run_isolated(spec: dict[str, Any], threads: int) -> dict[str, Any]:
         spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         write_json(spec_file, {**spec, "threads": threads})
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        # A fixed mmap threshold stops glibc from keeping freed large blocks in its heap (its default threshold
+        # grows at run time), so that the resident-set peak follows the memory in use: without it two runs of
+        # the same measurement differed by 15 %, with it by under 1 %.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
         done = subprocess.run(
             [sys.executable, "-m", "convlora.bench.measure", str(spec_file), str(out_file)],
             env=env,
@@ -126,8 +133,24 @@ def run_cost(
         )
         return result
 
+    def interleave(methods: list[str], image_size: int | None, batch_size: int, rows: dict[str, Any]) -> dict:
+        """Step times of ``methods`` measured in turn in one process; they replace the isolated ones."""
+        spec = {**common, "task": "interleaved", "methods": list(methods), "image_size": image_size,
+                "batch_size": batch_size}  # fmt: skip
+        result = cached(spec, experiment.threads, cache_dir, fresh)
+        for method, timing in result["methods"].items():
+            rows[method]["step_seconds_isolated"] = rows[method]["step_seconds"]
+            rows[method].update(timing)
+        paired = result["paired_step_ratios_to_lora"]
+        steps = ", ".join(f"{m} {t['step_seconds'] * 1000:.1f} ms" for m, t in result["methods"].items())
+        per_round = f"; conv_lora / lora per round {paired['conv_lora']:.3f}" if "conv_lora" in paired else ""
+        log(f"  interleaved: {steps}{per_round}")
+        return {"paired_step_ratios_to_lora": paired, "load_before": result["load_before"],
+                "load_after": result["load_after"]}  # fmt: skip
+
     log(f"{experiment.name}: reference point")
     rows = {m: train_point(m, experiment.image_size, experiment.batch_size) for m in experiment.methods}
+    timing = interleave(list(experiment.methods), experiment.image_size, experiment.batch_size, rows)
     latency = None
     if experiment.latency_runs > 0:
         spec = {
@@ -143,12 +166,15 @@ def run_cost(
         latency["vs_base"] = {name: value / seconds["base"] for name, value in seconds.items()}
         if "lora_merged" in seconds:
             latency["vs_lora_merged"] = {name: value / seconds["lora_merged"] for name, value in seconds.items()}
+            dense = latency.get("dense_routing_seconds", {})
+            latency["dense_routing_vs_lora_merged"] = {k: v / seconds["lora_merged"] for k, v in dense.items()}
         log("  latency: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in seconds.items()))
         for method, row in rows.items():
             row["merged_latency_seconds"] = seconds[MERGED_MODEL[method]]
     keys = [*TRAIN_KEYS, "merged_latency_seconds"] if latency else list(TRAIN_KEYS)
     reference = {"image_size": experiment.image_size, "batch_size": experiment.batch_size, "methods": rows}
     reference["ratios_to_lora"] = ratios(rows, keys)
+    reference["interleaved_timing"] = timing
 
     sweeps: dict[str, Any] = {}
     for axis, values in experiment.sweeps.items():
@@ -158,8 +184,11 @@ def run_cost(
             size = value if axis == "image_size" else experiment.image_size
             batch = value if axis == "batch_size" else experiment.batch_size
             point_rows = {m: train_point(m, size, batch) for m in experiment.sweep_methods}
+            point_timing = interleave(list(experiment.sweep_methods), size, batch, point_rows)
             point_ratios = ratios(point_rows, ("step_seconds", "peak_memory_bytes"))
-            points.append({axis: value, "methods": point_rows, "ratios_to_lora": point_ratios})
+            points.append(
+                {axis: value, "methods": point_rows, "ratios_to_lora": point_ratios, "interleaved_timing": point_timing}
+            )
         sweeps[axis] = points
     return {"reference": reference, "latency": latency, "sweeps": sweeps}
 

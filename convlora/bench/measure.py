@@ -3,16 +3,20 @@
 A fresh process per measurement makes the peak memory that of this configuration alone. On CPU the
 peak is the process's resident-set high-water mark (``VmHWM``) minus its resident set right after the
 imports, so it counts the model, gradients, optimiser state and activations, but not the Python and
-library baseline. On CUDA it is ``torch.cuda.max_memory_allocated`` after a reset.
+library baseline; ``run_isolated`` fixes glibc's mmap threshold so that freed blocks leave the
+resident set. On CUDA it is ``torch.cuda.max_memory_allocated`` after a reset.
 
-Two measurements:
+Three measurements:
 
 - ``train``: build the model for a method as the engine does (``build_task_model``), then time full
   optimiser steps (forward, loss + MoE auxiliary loss, backward, gradient clipping, AdamW) on random
   images and masks; report the median of the timed steps after the warm-up steps, the peak memory, the
   trainable parameters and the size of the exported artifact.
-- ``latency``: the base model, LoRA and Conv-LoRA merged into it (``merge_and_unload``), and both
-  unmerged, timed side by side in eval mode under ``no_grad``, interleaved run by run so that changes in
+- ``interleaved``: the same steps for several methods held in one process, one step of each in turn,
+  so that the machine's load (a shared CPU) hits them alike; the step-time comparison comes from here.
+- ``latency``: the base model, LoRA and Conv-LoRA merged into it (``merge_and_unload``; Conv-LoRA with
+  sparse and with dense routing), and both unmerged, timed side by side in eval mode under ``no_grad``,
+  interleaved run by run so that changes in
   machine load hit every model alike. Conv-LoRA's gate gets random weights (``init_lora_weights=False``):
   a zero gate, as at initialisation, sends every window to the cheapest expert (scale 1), which would
   understate the cost of a trained, load-balanced gate.
@@ -36,12 +40,13 @@ import torch
 from torch import nn
 
 from .._io import write_json
-from ..models import count_parameters, load_sam, random_sam, sam_config, tiny_sam_config
+from ..models import count_parameters, family_of, load_sam, random_sam, sam_config, tiny_sam_config
 from ..models.embedded import BASE_ARCHITECTURE
 from ..training.methods import METHODS
 from .environment import load_average, pick_device, pick_dtype, set_threads
 
 RANDOM_PREFIX = "random:"
+DENSE = "conv_lora_merged_dense"
 
 
 def build_base(model: str, image_size: int | None = None) -> nn.Module:
@@ -111,29 +116,17 @@ def _directory_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and p.name != "README.md")
 
 
-def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
-    """Time optimiser steps of one method and report step time, peak memory, parameters and artifact size.
-
-    Args:
-        spec: ``model``, ``method``, ``conv_lora`` (dict), ``image_size``, ``batch_size``, ``warmup_steps``,
-            ``timed_steps``, ``device``, ``precision``.
-    """
-    from ..training.artifact import TaskInfo, export_trained
+def _training_run(spec: dict[str, Any], method: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Build ``method``'s model as the engine does, and a function timing one optimiser step of it."""
+    from ..training.artifact import TaskInfo
     from ..training.engine import TrainStep
     from ..training.losses import build_loss
     from ..training.methods import build_task_model
     from ..tuner.config import ConvLoraConfig
 
-    device = pick_device(spec.get("device", "auto"))
-    dtype = pick_dtype(spec.get("precision", "auto"), device)
-    baseline = _rss_bytes("VmRSS")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    load_before = load_average()
     torch.manual_seed(0)
     base = build_base(spec["model"], spec.get("image_size"))
-    size = int(base.config.vision_config.image_size)
-    method = spec["method"]
+    size = family_of(base).image_size(base)
     task = TaskInfo("binary", 2, ["background", "foreground"], size, spec["model"], method)
     adapter = ConvLoraConfig(**spec.get("conv_lora", {})) if METHODS[method].uses_adapter else None
     model = build_task_model(base, task, adapter, freeze_iou_head=True).to(device).train()
@@ -142,8 +135,7 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-4)
     pixels, labels = _inputs(int(spec["batch_size"]), size, device)
 
-    times = []
-    for index in range(int(spec["warmup_steps"]) + int(spec["timed_steps"])):
+    def timed_step() -> float:
         _sync(device)
         start = time.perf_counter()
         with _autocast(device, dtype):
@@ -153,10 +145,34 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
-        if index >= int(spec["warmup_steps"]):
-            times.append(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss {float(loss)} while timing {method}")
+        return elapsed
+
+    return {"model": model, "task": task, "trainable": trainable, "size": size, "step": timed_step}
+
+
+def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time optimiser steps of one method and report step time, peak memory, parameters and artifact size.
+
+    Args:
+        spec: ``model``, ``method``, ``conv_lora`` (dict), ``image_size``, ``batch_size``, ``warmup_steps``,
+            ``timed_steps``, ``device``, ``precision``.
+    """
+    from ..training.artifact import export_trained
+
+    device = pick_device(spec.get("device", "auto"))
+    dtype = pick_dtype(spec.get("precision", "auto"), device)
+    baseline = _rss_bytes("VmRSS")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    load_before = load_average()
+    method = spec["method"]
+    run = _training_run(spec, method, device, dtype)
+    model, task, size = run["model"], run["task"], run["size"]
+    times = [run["step"]() for _ in range(int(spec["warmup_steps"]) + int(spec["timed_steps"]))]
+    times = times[int(spec["warmup_steps"]) :]
 
     if device.type == "cuda":
         peak, memory_source = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
@@ -175,7 +191,9 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
         "batch_size": int(spec["batch_size"]),
         "trainable_parameters": count_parameters(model, trainable_only=True),
         # the LoRA / Conv-LoRA tensors alone, without the mask decoder that both methods also train
-        "adapter_parameters": sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) if adapter else None,
+        "adapter_parameters": sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        if METHODS[method].uses_adapter
+        else None,
         "total_parameters": count_parameters(model),
         "artifact_bytes": artifact_bytes,
         "step_seconds": statistics.median(times),
@@ -190,6 +208,63 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _quartiles(values: list[float]) -> list[float]:
+    if len(values) < 2:
+        return [values[0], values[0]] if values else []
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return [q1, q3]
+
+
+def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
+    """Step times of several methods built in this one process and stepped in turn, round after round.
+
+    Changes in machine load (other processes on a shared CPU) then hit every method alike: the median
+    of the per-round ratios to LoRA is the robust comparison. Peak memory is not measured here (one
+    process holds every model); the isolated ``train`` measurement gives it.
+
+    Args:
+        spec: as for :func:`measure_training`, with ``methods`` (a list) instead of ``method``.
+    """
+    device = pick_device(spec.get("device", "auto"))
+    dtype = pick_dtype(spec.get("precision", "auto"), device)
+    load_before = load_average()
+    methods = list(spec["methods"])
+    runs = {method: _training_run(spec, method, device, dtype) for method in methods}
+    times: dict[str, list[float]] = {method: [] for method in methods}
+    warmup = int(spec["warmup_steps"])
+    for index in range(warmup + int(spec["timed_steps"])):
+        # rotate the order so that no method always runs right after the same neighbour
+        for method in methods[index % len(methods) :] + methods[: index % len(methods)]:
+            elapsed = runs[method]["step"]()
+            if index >= warmup:
+                times[method].append(elapsed)
+    paired = {}
+    if "lora" in times:
+        paired = {
+            method: statistics.median(a / b for a, b in zip(values, times["lora"], strict=True))
+            for method, values in times.items()
+        }
+    return {
+        "task": "interleaved",
+        "image_size": runs[methods[0]]["size"],
+        "batch_size": int(spec["batch_size"]),
+        "methods": {
+            method: {
+                "step_seconds": statistics.median(values),
+                "step_seconds_quartiles": _quartiles(values),
+                "step_seconds_all": values,
+            }
+            for method, values in times.items()
+        },
+        "paired_step_ratios_to_lora": paired,
+        "device": device.type,
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "load_before": load_before,
+        "load_after": load_average(),
+    }
+
+
 @torch.no_grad()
 def measure_latency(spec: dict[str, Any]) -> dict[str, Any]:
     """Median forward time of the base model and of LoRA / Conv-LoRA, merged and unmerged, side by side.
@@ -201,13 +276,14 @@ def measure_latency(spec: dict[str, Any]) -> dict[str, Any]:
     from ..models import apply_conv_lora, segmentation_logits
     from ..models.merged_io import merged_extra_parameters
     from ..tuner.config import ConvLoraConfig
+    from ..tuner.moe import set_routing
 
     device = pick_device(spec.get("device", "auto"))
     dtype = pick_dtype(spec.get("precision", "auto"), device)
     load_before = load_average()
     torch.manual_seed(0)
     base = build_base(spec["model"], spec.get("image_size"))
-    size = int(base.config.vision_config.image_size)
+    size = family_of(base).image_size(base)
     settings = {**spec.get("conv_lora", {}), "init_lora_weights": False}
 
     def adapted(plain: bool) -> nn.Module:
@@ -218,6 +294,10 @@ def measure_latency(spec: dict[str, Any]) -> dict[str, Any]:
     models["conv_lora_adapter"] = adapted(False)
     models["lora_merged"] = adapted(True).merge_and_unload()
     models["conv_lora_merged"] = adapted(False).merge_and_unload()
+    # the traceable dispatch that ONNX export and torch.compile use (eager CPU runs default to the sparse one)
+    models[DENSE] = copy.deepcopy(models["conv_lora_merged"])
+    set_routing(models[DENSE], "dense")
+    set_routing(models["conv_lora_merged"], "sparse")
     extra = {name: merged_extra_parameters(m) for name, m in models.items() if name.endswith("_merged")}
     for model in models.values():
         model.to(device).eval()
@@ -236,8 +316,11 @@ def measure_latency(spec: dict[str, Any]) -> dict[str, Any]:
         "task": "latency",
         "image_size": size,
         "batch_size": int(spec["latency_batch_size"]),
-        "seconds": {name: statistics.median(values) for name, values in times.items()},
-        "seconds_all": times,
+        "seconds": {name: statistics.median(values) for name, values in times.items() if name != DENSE},
+        "seconds_all": {name: values for name, values in times.items() if name != DENSE},
+        # Conv-LoRA merged again, with the dense routing that exports and compiles
+        "dense_routing_seconds": {"conv_lora_merged": statistics.median(times[DENSE])},
+        "dense_routing_seconds_all": {"conv_lora_merged": times[DENSE]},
         "merged_extra_parameters": extra,
         "base_parameters": count_parameters(base),
         "device": device.type,
@@ -249,13 +332,15 @@ def measure_latency(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run the measurement ``spec["task"]`` (``"train"`` or ``"latency"``) in this process."""
+    """Run the measurement ``spec["task"]`` (``"train"``, ``"interleaved"`` or ``"latency"``) in this process."""
     set_threads(int(spec.get("threads", 1)))
     if spec.get("task") == "train":
         return measure_training(spec)
+    if spec.get("task") == "interleaved":
+        return measure_interleaved(spec)
     if spec.get("task") == "latency":
         return measure_latency(spec)
-    raise ValueError(f"measurement task must be 'train' or 'latency', got {spec.get('task')!r}")
+    raise ValueError(f"measurement task must be 'train', 'interleaved' or 'latency', got {spec.get('task')!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

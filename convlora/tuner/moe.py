@@ -6,11 +6,29 @@ its own scale, applies a 3x3 convolution and GELU, and resizes back, so that dif
 same features at different resolutions. A noisy top-k gate (Shazeer et al., 2017) picks experts per
 sample from the grid-averaged features; the load-balancing loss of that paper is stored on the module
 after every training forward (``aux_loss``) and collected by :func:`moe_aux_loss`.
+
+Resizing is linear and separable, so each resize is a matrix product with a small constant matrix
+(the interpolation weights of ``F.interpolate``, computed here in plain Python). That is faster than
+the interpolation kernels at these sizes (their backward scatters), and since everything before the
+GELU is linear, the conv's taps fold into those matrices and the conv is computed only where the resize
+back reads it: for odd scales one position per output pixel, for large even scales four per axis.
+Two dispatches give the same outputs and gradients:
+
+- ``"sparse"``: each expert runs on the samples routed to it (one sort, one gather, one ``index_add``):
+  least arithmetic, but data-dependent shapes and, on an accelerator, a host sync;
+- ``"dense"``: every expert runs on every sample and a per-sample weight (zero unless chosen) selects:
+  static shapes, no host sync, traceable by ``torch.compile`` and the ONNX exporter.
+
+``"auto"`` (the default) is dense while tracing or compiling and on accelerators, sparse in eager CPU
+runs where it is faster (see ``docs/guides/deploy.md``).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +37,154 @@ from torch import nn
 
 INTERPOLATION_MODES = ("nearest", "bilinear", "bicubic")
 EXPERT_CONVS = ("full", "depthwise")
+ROUTING_MODES = ("auto", "sparse", "dense")
 
 # Added to the learned noise scale so that the gate keeps exploring while its noise weights are zero.
 NOISE_EPSILON = 1e-2
+# PyTorch's bicubic kernel constant.
+CUBIC_A = -0.75
+
+Taps = tuple[tuple[tuple[int, float], ...], ...]
+
+
+def _cubic_near(x: float) -> float:
+    return ((CUBIC_A + 2) * x - (CUBIC_A + 3)) * x * x + 1
+
+
+def _cubic_far(x: float) -> float:
+    return ((CUBIC_A * x - 5 * CUBIC_A) * x + 8 * CUBIC_A) * x - 4 * CUBIC_A
+
+
+@functools.lru_cache(maxsize=256)
+def resize_taps(size_in: int, size_out: int, mode: str) -> Taps:
+    """One-axis weights of ``F.interpolate(..., size, mode, align_corners=False)``, as plain Python.
+
+    Returns, for each output index, the ``(input index, weight)`` pairs with non-zero weight (merged
+    where border clamping repeats an index). Follows ``aten/src/ATen/native/UpSample.h``.
+
+    Args:
+        size_in: input length along the axis.
+        size_out: output length along the axis.
+        mode: ``"nearest"``, ``"bilinear"`` or ``"bicubic"``.
+
+    >>> resize_taps(2, 4, "bilinear")[1]
+    ((0, 0.75), (1, 0.25))
+    """
+    scale = size_in / size_out
+    rows = []
+    for dst in range(size_out):
+        taps: dict[int, float] = {}
+        if mode == "nearest":
+            if size_out == size_in:
+                src = dst
+            elif size_out == 2 * size_in:
+                src = dst >> 1
+            else:
+                src = min(math.floor(dst * scale), size_in - 1)
+            taps[src] = 1.0
+        elif mode == "bilinear":
+            src = max(scale * (dst + 0.5) - 0.5, 0.0)
+            low = int(src)
+            high = low + (1 if low < size_in - 1 else 0)
+            frac = src - low
+            taps[low] = taps.get(low, 0.0) + 1.0 - frac
+            taps[high] = taps.get(high, 0.0) + frac
+        elif mode == "bicubic":
+            src = scale * (dst + 0.5) - 0.5
+            low = math.floor(src)
+            t = src - low
+            weights = (_cubic_far(t + 1), _cubic_near(t), _cubic_near(1 - t), _cubic_far(2 - t))
+            for offset, weight in zip(range(-1, 3), weights, strict=True):
+                index = min(max(low + offset, 0), size_in - 1)
+                taps[index] = taps.get(index, 0.0) + weight
+        else:
+            raise ValueError(f"interpolation must be one of {INTERPOLATION_MODES}, got {mode!r}")
+        rows.append(tuple(sorted((i, w) for i, w in taps.items() if w != 0.0)))
+    return tuple(rows)
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """How one expert resizes one axis of length ``size``: constant matrices, as nested lists.
+
+    The expert needs its conv outputs only at the up-sampled ``positions`` that the resize back reads
+    (for odd scales one per output index, for large even scales four; all of them otherwise). With the
+    3x3 conv's three taps along this axis folded in, ``up`` ``(positions, 3 * size)`` maps the grid to the
+    three shifted up-sampled rows each position needs (zero outside the up-sampled grid: the conv's
+    padding), and ``down`` ``(size, positions)`` is the resize back restricted to those positions.
+    """
+
+    size: int
+    scaled: int
+    positions: int
+    up: list[list[float]]
+    down: list[list[float]]
+
+
+def _dense_rows(taps: Taps, size_in: int) -> list[list[float]]:
+    rows = [[0.0] * size_in for _ in taps]
+    for row, pairs in zip(rows, taps, strict=True):
+        for index, weight in pairs:
+            row[index] = weight
+    return rows
+
+
+@functools.lru_cache(maxsize=256)
+def axis_plan(size: int, scale: float, mode: str) -> AxisPlan:
+    """The resize matrices of an expert with ``scale`` along an axis of length ``size``.
+
+    Args:
+        size: the grid's length along the axis.
+        scale: the expert's resize factor.
+        mode: the interpolation mode.
+
+    >>> plan = axis_plan(4, 3.0, "bicubic")
+    >>> plan.scaled, plan.positions  # odd scales: the resize back samples one position per output
+    (12, 4)
+    """
+    scaled = max(1, round(size * scale))
+    up_rows = _dense_rows(resize_taps(size, scaled, mode), size)  # (scaled, size)
+    down_taps = resize_taps(scaled, size, mode)
+    width = max(pairs[-1][0] - pairs[0][0] + 1 for pairs in down_taps)  # conv outputs one output index reads
+    if size * width < scaled:  # each output index gets its own block of `width` positions
+        blocks = [(index, pairs[0][0] + t) for index, pairs in enumerate(down_taps) for t in range(width)]
+    else:  # every up-sampled position, shared by all outputs
+        blocks = [(None, p) for p in range(scaled)]
+    zero = [0.0] * size
+    up = [
+        [w for tap in range(3) for w in (up_rows[p + tap - 1] if 0 <= p + tap - 1 < scaled else zero)]
+        for _, p in blocks
+    ]
+    down = [[0.0] * len(blocks) for _ in range(size)]
+    for index, pairs in enumerate(down_taps):
+        weights = dict(pairs)
+        for column, (owner, p) in enumerate(blocks):
+            if owner in (None, index):
+                down[index][column] = weights.get(p, 0.0)
+    return AxisPlan(size, scaled, len(blocks), up, down)
+
+
+_MATRICES: dict[tuple, torch.Tensor] = {}
+
+
+def _matrix(values: list[list[float]], key: tuple, like: torch.Tensor) -> torch.Tensor:
+    """``values`` as a tensor on ``like``'s device and dtype, cached; a tracer sees a constant either way."""
+    key = (*key, like.dtype, like.device)
+    matrix = _MATRICES.get(key)
+    if matrix is None:
+        matrix = torch.tensor(values, dtype=like.dtype, device=like.device)
+        if not _tracing():  # a tensor made while tracing may be a fake one
+            _MATRICES[key] = matrix
+    return matrix
+
+
+def _tracing() -> bool:
+    """Inside ``torch.compile``, ``torch.export``, the ONNX exporter or a TorchScript trace."""
+    return torch.compiler.is_compiling() or _exporting()
+
+
+def _exporting() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 def check_grid(x: torch.Tensor, where: str) -> None:
@@ -48,13 +211,35 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
     return x.var() / (x.mean() ** 2 + 1e-10)
 
 
+def top_k_lowest_first(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``(b, k)`` of the ``k`` largest logits per row, ties going to the lowest index.
+
+    A stable descending sort would do the same; repeated ``argmax`` (documented to return the first
+    maximum) keeps the tie rule in traced graphs too, whose sorts need not be stable.
+
+    Args:
+        logits: ``(b, e)`` gate logits.
+        k: how many to keep.
+
+    >>> top_k_lowest_first(torch.tensor([[0.0, 0.0, 0.0], [1.0, 3.0, 3.0]]), 2).tolist()
+    [[0, 1], [1, 2]]
+    """
+    picked = [logits.argmax(dim=-1, keepdim=True)]  # (b, 1)
+    remaining = logits
+    for _ in range(k - 1):
+        remaining = remaining.scatter(1, picked[-1], float("-inf"))
+        picked.append(remaining.argmax(dim=-1, keepdim=True))
+    return torch.cat(picked, dim=1) if k > 1 else picked[0]
+
+
 class ConvExpertMixture(nn.Module):
     """Noisy top-k mixture of multi-scale 3x3 conv experts over a channels-last grid.
 
     Expert ``i`` computes ``resize_back(gelu(conv3x3_i(resize(z, scale_i))))``. The expert weights are
     stored stacked, ``(experts, r, r / groups, 3, 3)``, so the module's state has the same four tensors
-    whatever the number of experts. Routing is per sample: experts run once each on the batch of
-    samples routed to them, never in a Python loop over samples.
+    whatever the number of experts. Routing is per sample and never loops over samples in Python: the
+    sparse dispatch runs each expert once on the samples routed to it, the dense one runs every expert
+    on the whole batch and keeps each sample's chosen ones (see the module docstring).
 
     Args:
         channels: channels of the grid (the LoRA rank ``r``).
@@ -67,6 +252,9 @@ class ConvExpertMixture(nn.Module):
             as in the paper's code, and the gate learns from the auxiliary loss alone.
         noisy_gating: add learned Gaussian noise to the gate logits in training.
         aux_loss_weight: weight of the load-balancing loss stored in ``aux_loss``.
+        routing: ``"sparse"``, ``"dense"`` or ``"auto"`` (dense when traced, compiled or on an
+            accelerator); both give the same outputs and gradients. Also settable later (``routing``
+            attribute, or :func:`set_routing` on a whole model).
 
     >>> moe = ConvExpertMixture(channels=4, scales=[1, 2, 3])
     >>> moe(torch.randn(2, 5, 7, 4)).shape
@@ -83,6 +271,7 @@ class ConvExpertMixture(nn.Module):
         weighted_combine: bool = False,
         noisy_gating: bool = True,
         aux_loss_weight: float = 0.01,
+        routing: str = "auto",
     ) -> None:
         super().__init__()
         if channels < 1:
@@ -93,6 +282,9 @@ class ConvExpertMixture(nn.Module):
             raise ValueError(f"top_k must be between 1 and the number of experts ({len(scales)}), got {top_k}")
         if interpolation not in INTERPOLATION_MODES:
             raise ValueError(f"interpolation must be one of {INTERPOLATION_MODES}, got {interpolation!r}")
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+        self.routing = routing
         self.channels = channels
         self.scales = [float(s) for s in scales]
         self.top_k = top_k
@@ -149,22 +341,20 @@ class ConvExpertMixture(nn.Module):
             logits = clean_logits + torch.randn_like(clean_logits) * noise_std
         else:
             logits = clean_logits
-        # A stable sort makes ties (e.g. a zero-initialised gate) pick the lowest expert index.
-        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
-        top_indices = order[:, : self.top_k]  # (b, k)
-        top_logits = logits.gather(1, top_indices)
-        gates = torch.zeros_like(logits).scatter(1, top_indices, top_logits.softmax(dim=-1))  # (b, e)
+        top_indices = top_k_lowest_first(logits, self.top_k)  # (b, k)
         if self.weighted_combine:
             combine = logits.softmax(dim=-1).gather(1, top_indices)
         else:
-            combine = torch.ones_like(top_logits)
+            combine = torch.ones_like(top_indices, dtype=logits.dtype)
 
         if not self.training or self.aux_loss_weight == 0:
             aux = logits.new_zeros(())
         else:
+            top_logits = logits.gather(1, top_indices)
+            gates = torch.zeros_like(logits).scatter(1, top_indices, top_logits.softmax(dim=-1))  # (b, e)
             importance = gates.sum(dim=0)
             if noisy and self.top_k < self.num_experts:
-                load = self._prob_in_top_k(clean_logits, logits, noise_std, order).sum(dim=0)
+                load = self._prob_in_top_k(clean_logits, logits, noise_std).sum(dim=0)
             else:
                 load = (gates > 0).float().sum(dim=0)
             aux = (cv_squared(importance) + cv_squared(load)) * self.aux_loss_weight
@@ -175,10 +365,9 @@ class ConvExpertMixture(nn.Module):
         clean_logits: torch.Tensor,
         noisy_logits: torch.Tensor,
         noise_std: torch.Tensor,
-        order: torch.Tensor,
     ) -> torch.Tensor:
         """Probability, under fresh noise, that each expert would be in the top k: a smooth load."""
-        sorted_noisy = noisy_logits.gather(1, order)
+        sorted_noisy = torch.sort(noisy_logits, dim=-1, descending=True).values
         # For an expert inside the top k the threshold to beat is the (k+1)-th logit; for the others it is
         # the k-th one.
         threshold_if_in = sorted_noisy[:, self.top_k : self.top_k + 1]
@@ -190,20 +379,40 @@ class ConvExpertMixture(nn.Module):
         return torch.where(is_in, prob_if_in, prob_if_out)
 
     def run_expert(self, index: int, z: torch.Tensor) -> torch.Tensor:
-        """Expert ``index`` on channels-first features ``(n, r, h, w)``."""
-        height, width = z.shape[-2:]
+        """Expert ``index`` on channels-first features ``(n, r, h, w)``: resize, 3x3 conv, GELU, resize back.
+
+        Equal (to float rounding) to ``F.interpolate`` -> ``conv2d(padding=1)`` -> GELU -> ``F.interpolate``.
+        Everything before the GELU is linear, so the conv's channel mixing runs first, at the grid's own
+        resolution, and its spatial taps ride along in the resize matrices (:func:`axis_plan`): two matrix
+        products give the conv outputs at exactly the positions the resize back reads.
+        """
+        weight = self.expert_weight[index].to(z.dtype)
+        bias = self.expert_bias[index].to(z.dtype)
         scale = self.scales[index]
-        align = None if self.interpolation == "nearest" else False
-        y = z
-        if scale != 1.0:
-            size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            y = F.interpolate(y, size=size, mode=self.interpolation, align_corners=align)
-        weight = self.expert_weight[index].to(y.dtype)
-        bias = self.expert_bias[index].to(y.dtype)
-        y = F.gelu(F.conv2d(y, weight, bias, padding=1, groups=self.groups))
-        if scale != 1.0:
-            y = F.interpolate(y, size=(height, width), mode=self.interpolation, align_corners=align)
-        return y
+        if scale == 1.0:
+            return F.gelu(F.conv2d(z, weight, bias, padding=1, groups=self.groups))
+        height, width = (int(n) for n in z.shape[-2:])  # plain ints under tracers too: the matrices are constants
+        rows, cols = axis_plan(height, scale, self.interpolation), axis_plan(width, scale, self.interpolation)
+        key = (scale, self.interpolation)
+        grid = rearrange(z, "n c h w -> n h w c")  # a view: the mixture's input is channels-last
+        if self.groups == 1:
+            taps = grid @ rearrange(weight, "o c a b -> c (o a b)")  # (n, h, w, r 3 3): one per conv tap
+        else:
+            taps = rearrange(grid[..., None] * weight.flatten(1), "n h w o t -> n h w (o t)")
+        taps = rearrange(taps, "n h w (o a b) -> n o a h (b w)", a=3, b=3)
+        up_w = _matrix(cols.up, ("up", width, *key), z)  # (q, 3 w)
+        y = rearrange(taps @ up_w.T, "n o a h q -> n o (a h) q")  # (n, r, 3 h, q)
+        up_h = _matrix(rows.up, ("up", height, *key), z)  # (p, 3 h)
+        y = F.gelu(up_h @ y + bias.view(-1, 1, 1))  # (n, r, p, q): conv outputs where the resize back reads
+        down_h = _matrix(rows.down, ("down", height, *key), z)  # (h, p)
+        down_w = _matrix(cols.down, ("down", width, *key), z)  # (w, q)
+        return down_h @ y @ down_w.T
+
+    def uses_dense_routing(self, z: torch.Tensor) -> bool:
+        """Whether this forward dispatches densely (``routing``, or for ``"auto"`` tracing and the device)."""
+        if self.routing != "auto":
+            return self.routing == "dense"
+        return _tracing() or z.device.type != "cpu"
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Mix the experts over ``z`` ``(b, h, w, r)``; returns ``(b, h, w, r)``."""
@@ -212,25 +421,109 @@ class ConvExpertMixture(nn.Module):
                 f"ConvExpertMixture expects a channels-last grid (b, h, w, {self.channels}), got {tuple(z.shape)}"
             )
         top_indices, combine, aux = self.route(z)
-        self.aux_loss = aux
-        self.last_expert_counts = torch.bincount(top_indices.flatten(), minlength=self.num_experts).detach()
-
         features = rearrange(z, "b h w r -> b r h w")
-        out = torch.zeros_like(features)
-        for expert in range(self.num_experts):
-            sample_idx, slot = torch.nonzero(top_indices == expert, as_tuple=True)
-            if sample_idx.numel() == 0:
-                continue
-            y = self.run_expert(expert, features.index_select(0, sample_idx))
-            y = y * combine[sample_idx, slot].to(y.dtype).view(-1, 1, 1, 1)
-            out = out.index_add(0, sample_idx, y)
+        if self.uses_dense_routing(z):
+            # (b, e): each sample's factor per expert, zero for the experts it does not use
+            per_expert = torch.zeros(z.shape[0], self.num_experts, device=z.device, dtype=combine.dtype)
+            out = self._dense(features, per_expert.scatter_add(1, top_indices, combine))
+            slots = top_indices.flatten()
+            counts = torch.zeros(self.num_experts, dtype=slots.dtype, device=z.device)
+            counts = counts.scatter_add(0, slots, torch.ones_like(slots))
+        else:
+            out, counts = self._sparse(features, top_indices, combine)
+        if not _exporting():  # an exported graph keeps no state
+            self.aux_loss = aux
+            self.last_expert_counts = counts.detach()
         return rearrange(out, "b r h w -> b h w r")
+
+    def _dense(self, features: torch.Tensor, per_expert: torch.Tensor) -> torch.Tensor:
+        """Every expert on every sample, weighted per sample: static shapes, no host sync.
+
+        Experts whose resize matrices have the same shapes (e.g. scales 1, 3, 5, 7, which all compute one
+        conv output per grid position) run stacked, as one batched product per step instead of one per
+        expert.
+        """
+        out = torch.zeros_like(features)
+        for experts in self._stacks(*features.shape[-2:]):
+            if len(experts) == 1:
+                y = self.run_expert(experts[0], features)  # (b, r, h, w)
+                out = out + y * per_expert[:, experts[0]].to(y.dtype).view(-1, 1, 1, 1)
+            else:
+                y = self._run_stacked(experts, features)  # (b, e, r, h, w)
+                out = out + torch.einsum("berhw,be->brhw", y, per_expert[:, experts].to(y.dtype))
+        return out
+
+    def _stacks(self, height: int, width: int) -> list[list[int]]:
+        """Experts grouped by the shapes of their resize matrices (full convs only; depthwise run alone)."""
+        if self.groups > 1:
+            return [[e] for e in range(self.num_experts)]
+        stacks: dict[tuple[int, int], list[int]] = {}
+        for expert, scale in enumerate(self.scales):
+            rows = axis_plan(int(height), scale, self.interpolation)
+            cols = axis_plan(int(width), scale, self.interpolation)
+            stacks.setdefault((rows.positions, cols.positions), []).append(expert)
+        return list(stacks.values())
+
+    def _run_stacked(self, experts: list[int], z: torch.Tensor) -> torch.Tensor:
+        """Experts ``experts`` (same matrix shapes) on ``z`` ``(n, r, h, w)``; returns ``(n, e, r, h, w)``.
+
+        The same computation as :meth:`run_expert`, scale 1 included (its resize matrices are the
+        identity), batched over the experts.
+        """
+        height, width = (int(n) for n in z.shape[-2:])
+        weight = self.expert_weight[experts].to(z.dtype)  # (e, o, c, 3, 3)
+        bias = self.expert_bias[experts].to(z.dtype)  # (e, o)
+        rows = [axis_plan(height, self.scales[e], self.interpolation) for e in experts]
+        cols = [axis_plan(width, self.scales[e], self.interpolation) for e in experts]
+        key = (tuple(self.scales[e] for e in experts), self.interpolation)
+        up_h = _matrix([p.up for p in rows], ("stack_up", height, *key), z)  # (e, p, 3 h)
+        up_w = _matrix([p.up for p in cols], ("stack_up", width, *key), z)  # (e, q, 3 w)
+        down_h = _matrix([p.down for p in rows], ("stack_down", height, *key), z)  # (e, h, p)
+        down_w = _matrix([p.down for p in cols], ("stack_down", width, *key), z)  # (e, w, q)
+        grid = rearrange(z, "n c h w -> n h w c")
+        taps = grid @ rearrange(weight, "e o c a b -> c (e o a b)")  # (n, h, w, e r 3 3)
+        taps = rearrange(taps, "n h w (e o a b) -> n e o a h (b w)", e=len(experts), a=3, b=3)
+        y = torch.einsum("neoahk,eqk->neoahq", taps, up_w)  # (n, e, r, 3, h, q)
+        y = rearrange(y, "n e o a h q -> n e o (a h) q")
+        y = torch.einsum("epk,neokq->neopq", up_h, y)  # (n, e, r, p, q)
+        y = F.gelu(y + bias[None, :, :, None, None])
+        y = torch.einsum("ehp,neopq->neohq", down_h, y)
+        return torch.einsum("neohq,ewq->neohw", y, down_w)  # (n, e, r, h, w)
+
+    def _sparse(
+        self, features: torch.Tensor, top_indices: torch.Tensor, combine: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each expert on the samples routed to it only: one sort, one gather, one scatter back.
+
+        Returns the mixed features and how many (sample, slot) pairs went to each expert.
+        """
+        slots = top_indices.flatten()  # (b k): the expert of each (sample, slot)
+        counts = torch.bincount(slots, minlength=self.num_experts)
+        sizes = counts.tolist()  # the one host sync
+        if self.top_k == 1 and max(sizes) == len(slots):  # one expert for the whole batch: no gather
+            expert = sizes.index(len(slots))
+            y = self.run_expert(expert, features)
+            return (y * combine.to(y.dtype).view(-1, 1, 1, 1) if self.weighted_combine else y), counts
+        order = torch.argsort(slots, stable=True)
+        samples = torch.div(order, self.top_k, rounding_mode="floor")
+        grid = rearrange(features, "b r h w -> b h w r")  # gather in the channels-last memory layout
+        grouped = rearrange(grid.index_select(0, samples), "n h w r -> n r h w")  # (b k, r, h, w), by expert
+        outputs, start = [], 0
+        for expert, count in enumerate(sizes):
+            if count:
+                outputs.append(self.run_expert(expert, grouped[start : start + count]))
+            start += count
+        y = torch.cat(outputs)
+        if self.weighted_combine:  # otherwise every factor is 1
+            y = y * combine.flatten()[order].to(y.dtype).view(-1, 1, 1, 1)
+        return torch.zeros_like(features).index_add(0, samples, y), counts
 
     def extra_repr(self) -> str:
         conv = "depthwise" if self.groups > 1 else "full"
         return (
             f"channels={self.channels}, scales={self.scales}, top_k={self.top_k}, conv={conv}, "
-            f"interpolation={self.interpolation!r}, weighted_combine={self.weighted_combine}"
+            f"interpolation={self.interpolation!r}, weighted_combine={self.weighted_combine}, "
+            f"routing={self.routing!r}"
         )
 
 
@@ -253,6 +546,24 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor:
         param = next(model.parameters(), None)
         return torch.zeros((), device=param.device if param is not None else None)
     return torch.stack([loss.float() for loss in losses]).sum()
+
+
+def set_routing(model: nn.Module, routing: str) -> int:
+    """Set the dispatch of every expert mixture in ``model``; returns how many were set.
+
+    Args:
+        model: any module (a ``PeftModel``, a merged ``SamModel``).
+        routing: ``"sparse"``, ``"dense"`` or ``"auto"``.
+
+    >>> set_routing(ConvExpertMixture(channels=2, scales=[1, 2]), "dense")
+    1
+    """
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+    mixtures = [m for m in model.modules() if isinstance(m, ConvExpertMixture)]
+    for mixture in mixtures:
+        mixture.routing = routing
+    return len(mixtures)
 
 
 def reset_aux_losses(model: nn.Module) -> None:

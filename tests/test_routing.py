@@ -1,0 +1,154 @@
+"""Dense and sparse routing of the conv-expert mixture agree, and the dense one traces and compiles."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convlora import ConvLoraConfig, apply_conv_lora
+from convlora.tuner.moe import ConvExpertMixture, axis_plan, resize_taps, set_routing
+
+# (constructor settings, grid shape): every interpolation mode, integer, fractional and odd/even scales,
+# top-k above one, depthwise convs, non-square and one-pixel grids
+CASES = {
+    "reference": ({}, (6, 8, 8, 3)),
+    "top2_weighted": ({"top_k": 2, "weighted_combine": True}, (5, 7, 5, 3)),
+    "depthwise_top3": ({"depthwise": True, "top_k": 3}, (4, 6, 6, 3)),
+    "bilinear_fractional": ({"interpolation": "bilinear", "scales": [0.5, 1, 1.5, 2]}, (4, 9, 7, 3)),
+    "nearest": ({"interpolation": "nearest", "scales": [1, 2, 3]}, (3, 5, 5, 3)),
+    "one_pixel": ({}, (3, 1, 1, 3)),
+}
+
+
+def mixture(settings: dict, routing: str, seed: int = 0) -> ConvExpertMixture:
+    torch.manual_seed(seed)
+    moe = ConvExpertMixture(**{"channels": 3, "scales": list(range(1, 9)), **settings, "routing": routing})
+    moe.reset_parameters(init_gate="random")
+    torch.nn.init.normal_(moe.expert_bias, std=0.1)
+    return moe
+
+
+def interpolate_conv_reference(moe: ConvExpertMixture, index: int, z: torch.Tensor) -> torch.Tensor:
+    """The textbook expert: F.interpolate, conv2d with padding 1, GELU, F.interpolate back."""
+    height, width = z.shape[-2:]
+    scale = moe.scales[index]
+    align = None if moe.interpolation == "nearest" else False
+    y = z
+    if scale != 1.0:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        y = F.interpolate(y, size=size, mode=moe.interpolation, align_corners=align)
+    y = F.gelu(F.conv2d(y, moe.expert_weight[index], moe.expert_bias[index], padding=1, groups=moe.groups))
+    if scale != 1.0:
+        y = F.interpolate(y, size=(height, width), mode=moe.interpolation, align_corners=align)
+    return y
+
+
+def run(moe: ConvExpertMixture, z: torch.Tensor, noise_seed: int = 123) -> torch.Tensor:
+    torch.manual_seed(noise_seed)  # the same gate noise for both dispatches
+    return moe(z)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear", "bicubic"])
+@pytest.mark.parametrize(
+    ("size_in", "size_out"), [(8, 64), (8, 16), (5, 15), (14, 98), (16, 8), (7, 3), (1, 4), (3, 1)]
+)
+def test_resize_weights_are_those_of_f_interpolate(mode, size_in, size_out):
+    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
+    for row, pairs in enumerate(resize_taps(size_in, size_out, mode)):
+        for index, weight in pairs:
+            matrix[row, index] = weight
+    eye = torch.eye(size_in, dtype=torch.float64).view(size_in, 1, size_in, 1)
+    align = None if mode == "nearest" else False
+    expected = F.interpolate(eye, size=(size_out, 1), mode=mode, align_corners=align).view(size_in, size_out).T
+    assert torch.allclose(matrix, expected, atol=1e-12)
+
+
+def test_odd_scales_compute_one_conv_output_per_grid_position_and_large_even_scales_four():
+    assert axis_plan(8, 3.0, "bicubic").positions == 8  # bicubic at an odd scale samples exactly
+    assert axis_plan(8, 8.0, "bicubic").positions == 32  # 4 taps per output instead of the 64 up-sampled rows
+    assert axis_plan(8, 2.0, "bicubic").positions == 16  # overlapping taps: every up-sampled row
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_expert_equals_interpolate_conv_gelu_interpolate(case):
+    settings, shape = CASES[case]
+    moe = mixture(settings, "sparse")
+    z = torch.randn(shape).permute(0, 3, 1, 2)
+    for index in range(moe.num_experts):
+        expected = interpolate_conv_reference(moe, index, z)
+        assert torch.allclose(moe.run_expert(index, z), expected, atol=1e-5), moe.scales[index]
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_dense_and_sparse_routing_give_the_same_outputs_aux_loss_and_gradients(case, train):
+    settings, shape = CASES[case]
+    sparse, dense = mixture(settings, "sparse").train(train), mixture(settings, "dense").train(train)
+    z = torch.randn(shape)
+    z_sparse, z_dense = z.clone().requires_grad_(), z.clone().requires_grad_()
+    out_sparse, out_dense = run(sparse, z_sparse), run(dense, z_dense)
+    assert torch.allclose(out_dense, out_sparse, atol=1e-6)
+    assert torch.equal(dense.last_expert_counts, sparse.last_expert_counts)
+    if not train:
+        return
+    assert torch.allclose(dense.aux_loss, sparse.aux_loss)
+    weights = torch.randn(shape)
+    ((out_sparse * weights).sum() + sparse.aux_loss).backward()
+    ((out_dense * weights).sum() + dense.aux_loss).backward()
+    assert torch.allclose(z_dense.grad, z_sparse.grad, atol=1e-5)
+    for (name, p_sparse), p_dense in zip(sparse.named_parameters(), dense.parameters(), strict=True):
+        assert (p_sparse.grad is None) == (p_dense.grad is None) or not p_sparse.grad.any(), name
+        if p_sparse.grad is not None:
+            assert torch.allclose(p_dense.grad, p_sparse.grad, atol=1e-5), name
+
+
+def test_routing_spreads_samples_so_the_comparisons_cover_several_experts():
+    moe = mixture({}, "dense").eval()
+    moe(torch.randn(32, 4, 4, 3))
+    assert (moe.last_expert_counts > 0).sum() >= 3
+
+
+def test_auto_routing_is_sparse_in_eager_cpu_runs_and_dense_when_set():
+    moe = mixture({}, "auto")
+    z = torch.randn(2, 4, 4, 3)
+    assert not moe.uses_dense_routing(z)
+    moe.routing = "dense"
+    assert moe.uses_dense_routing(z)
+    with pytest.raises(ValueError, match="routing must be one of"):
+        set_routing(moe, "fast")
+
+
+def test_set_routing_reaches_every_mixture_of_an_adapted_model(make_sam):
+    model = apply_conv_lora(make_sam(), ConvLoraConfig(num_experts=2))
+    assert set_routing(model, "dense") == 2
+    assert {m.routing for m in model.modules() if isinstance(m, ConvExpertMixture)} == {"dense"}
+
+
+def test_dense_routing_exports_to_a_static_graph_without_nonzero():
+    moe = mixture({}, "auto").eval()
+    z = torch.randn(4, 6, 6, 3)
+    program = torch.export.export(moe, (z,))
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert not any("nonzero" in t or "index_add" in t for t in targets)
+    assert torch.allclose(program.module()(z), moe(z), atol=1e-6)
+
+
+def test_torch_compile_of_the_mixture_matches_eager_in_train_and_eval():
+    # aot_eager traces with dynamo and AOT autograd like inductor does, without compiling C++ (slow here)
+    moe = mixture({"scales": [1, 2, 3]}, "auto")
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+    z = torch.randn(4, 5, 5, 3)
+    moe.eval()
+    assert torch.allclose(compiled(z), moe(z), atol=1e-6)
+    moe.train()
+    expected = run(moe, z)
+    assert torch.allclose(run(compiled, z), expected, atol=1e-6)
+    assert compiled.aux_loss is not None
+
+
+def test_torch_compile_of_an_adapted_tiny_sam_matches_eager(make_sam, images):
+    model = apply_conv_lora(make_sam(), ConvLoraConfig(num_experts=3, init_lora_weights=False)).eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        expected = model(pixel_values=images, multimask_output=False).pred_masks
+        found = compiled(pixel_values=images, multimask_output=False).pred_masks
+    assert torch.allclose(found, expected, atol=1e-5)
