@@ -6,6 +6,7 @@
 """
 
 from ._version import __version__
+from .deploy import export_onnx
 from .inference import Segmenter, evaluate, merge_model, predict_folder
 from .models import (
     SAM_VARIANTS,
@@ -50,6 +51,7 @@ __all__ = [
     "apply_lora",
     "count_parameters",
     "evaluate",
+    "export_onnx",
     "install_class_decoder",
     "load_config",
     "load_merged",
