@@ -76,6 +76,12 @@ def train_fields(
     fields = recipe(domain).train_fields(real=real)
     fields.update(experiment.train)
     fields.update(data=str(data), method=arm.method, seed=seed, max_steps=max_steps, overlay_samples=0)
+    if max_steps is not None and not real:
+        # a budget beyond the recipe's epochs needs more epochs: the step budget, not the epochs, ends the run
+        steps_per_epoch = math.ceil(
+            experiment.data_settings(domain)["train"] / (fields["batch_size"] * fields.get("grad_accum", 1))
+        )
+        fields["epochs"] = max(fields["epochs"], math.ceil(max_steps / steps_per_epoch))
     if METHODS[arm.method].uses_adapter:
         fields["conv_lora"] = dict(arm.conv_lora)
     # the experiment's model is the base for its synthetic data; real data keeps the recipe's real checkpoint
