@@ -16,8 +16,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .config import ConvLoraConfig
-from .merged import ConvLoraMergedLinear, ConvLoraSideBranch
-from .moe import ConvExpertMixture, check_grid
+from .merged import ConvLoraMergedLinear, ConvLoraSideBranch, mixture_from_spec
+from .moe import check_grid
 
 
 class ConvLoraLayer(BaseTunerLayer):
@@ -53,15 +53,10 @@ class ConvLoraLayer(BaseTunerLayer):
         )
         self.conv_lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.conv_lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
-        self.conv_lora_experts[adapter_name] = ConvExpertMixture(
-            channels=r,
-            scales=config.expert_scales,
-            top_k=config.top_k,
-            depthwise=config.expert_conv == "depthwise",
-            interpolation=config.interpolation,
-            weighted_combine=config.weighted_combine,
-            noisy_gating=config.noisy_gating,
-            aux_loss_weight=config.aux_loss_weight,
+        spec = {"r": r, "scales": config.expert_scales, "top_k": config.top_k, "expert_conv": config.expert_conv,
+                "interpolation": config.interpolation, "weighted_combine": config.weighted_combine}  # fmt: skip
+        self.conv_lora_experts[adapter_name] = mixture_from_spec(
+            spec, noisy_gating=config.noisy_gating, aux_loss_weight=config.aux_loss_weight
         )
         self.reset_adapter_parameters(adapter_name, config.init_lora_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)

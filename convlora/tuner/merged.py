@@ -26,6 +26,28 @@ def _experts_spec(experts: ConvExpertMixture) -> dict[str, Any]:
     }
 
 
+def mixture_from_spec(
+    spec: dict[str, Any], *, noisy_gating: bool = False, aux_loss_weight: float = 0.0
+) -> ConvExpertMixture:
+    """The one mapping from expert settings (a config's, or a merged branch's saved spec) to a mixture.
+
+    Args:
+        spec: ``r``, ``scales``, ``top_k``, ``expert_conv``, ``interpolation``, ``weighted_combine``.
+        noisy_gating: learned gate noise in training (adapters); merged branches are deterministic.
+        aux_loss_weight: weight of the load-balancing loss (adapters); merged branches have none.
+    """
+    return ConvExpertMixture(
+        channels=int(spec["r"]),
+        scales=spec["scales"],
+        top_k=spec["top_k"],
+        depthwise=spec["expert_conv"] == "depthwise",
+        interpolation=spec["interpolation"],
+        weighted_combine=spec["weighted_combine"],
+        noisy_gating=noisy_gating,
+        aux_loss_weight=aux_loss_weight,
+    )
+
+
 class ConvLoraSideBranch(nn.Module):
     """The non-linear remainder of a merged Conv-LoRA adapter: ``up(experts(down(x)))``.
 
@@ -42,16 +64,7 @@ class ConvLoraSideBranch(nn.Module):
         super().__init__()
         r = int(spec["r"])
         self.down = nn.Linear(in_features, r, bias=False)
-        self.experts = ConvExpertMixture(
-            channels=r,
-            scales=spec["scales"],
-            top_k=spec["top_k"],
-            depthwise=spec["expert_conv"] == "depthwise",
-            interpolation=spec["interpolation"],
-            weighted_combine=spec["weighted_combine"],
-            noisy_gating=False,
-            aux_loss_weight=0.0,
-        )
+        self.experts = mixture_from_spec(spec)
         self.up = nn.Linear(r, out_features, bias=False)
 
     @classmethod

@@ -36,7 +36,6 @@ from einops import rearrange
 from torch import nn
 
 INTERPOLATION_MODES = ("nearest", "bilinear", "bicubic")
-EXPERT_CONVS = ("full", "depthwise")
 ROUTING_MODES = ("auto", "sparse", "dense")
 
 # Added to the learned noise scale so that the gate keeps exploring while its noise weights are zero.
@@ -564,10 +563,3 @@ def set_routing(model: nn.Module, routing: str) -> int:
     for mixture in mixtures:
         mixture.routing = routing
     return len(mixtures)
-
-
-def reset_aux_losses(model: nn.Module) -> None:
-    """Forget the auxiliary losses stored by the last forward (so that a stale one is never added)."""
-    for module in model.modules():
-        if isinstance(module, ConvExpertMixture):
-            module.aux_loss = None
