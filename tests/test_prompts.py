@@ -1,8 +1,17 @@
-"""Objects and prompts derived from hand-made masks: exact boxes, points inside, negatives outside, bounded jitter."""
+"""Prompts from hand-made masks (exact boxes, points inside, negatives outside, bounded jitter) and prompts files."""
+
+import json
 
 import numpy as np
 import pytest
 
+from convlora.data.prompt_files import (
+    build_prompts,
+    load_prompts,
+    read_prompts_file,
+    write_coco_boxes,
+    write_prompts_file,
+)
 from convlora.data.prompts import (
     PAD_LABEL,
     PromptConfig,
@@ -99,9 +108,7 @@ def test_positive_points_lie_inside_away_from_the_border_and_negatives_outside()
     masks = find_objects(labels).masks
     rng = np.random.default_rng(0)
     for _ in range(20):
-        points, point_labels = points_from_masks(
-            masks, num_positive=3, num_negative=4, rng=rng, valid=labels != 255
-        )
+        points, point_labels = points_from_masks(masks, num_positive=3, num_negative=4, rng=rng, valid=labels != 255)
         assert point_labels.tolist() == [[1, 1, 1, 0, 0, 0, 0]]
         cols, rows = points[0, :, 0].astype(int), points[0, :, 1].astype(int)
         assert masks[0][rows[:3], cols[:3]].all()
@@ -175,3 +182,85 @@ def test_evaluation_prompts_use_exact_boxes_and_fixed_seed_points():
 def test_bad_prompt_settings_are_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         PromptConfig(**{field: value})
+
+
+# --- prompts given by users: lists and files ----------------------------------------------------------------------
+
+
+def test_prompts_json_round_trips(tmp_path):
+    prompts = {
+        "a.png": build_prompts(boxes=[[1, 2, 30, 40], [5, 5, 9, 9]]),
+        "b.png": build_prompts(points=[[[3, 4], [8, 8]], [[10, 1]]], point_labels=[[1, 0], [1]]),
+        "c.png": build_prompts(boxes=[[0, 0, 20, 20]], points=[[4, 4]]),
+    }
+    path = write_prompts_file(tmp_path / "prompts.json", prompts)
+    back = load_prompts(path, {"a.png": (50, 50), "b.png": (50, 50), "c.png": (50, 50)})
+    for name, entry in prompts.items():
+        for key in ("boxes", "points", "point_labels"):
+            original, loaded = getattr(entry, key), getattr(back[name], key)
+            assert (original is None and loaded is None) or np.array_equal(original, loaded)
+
+
+def test_coco_boxes_round_trip_as_xywh(tmp_path):
+    boxes = {"a.png": [[1.0, 2.0, 30.0, 40.0], [5.0, 6.0, 9.0, 9.0]], "b.png": [[0.0, 0.0, 10.0, 12.5]]}
+    sizes = {"a.png": (50, 60), "b.png": (20, 20)}
+    path = write_coco_boxes(tmp_path / "coco.json", boxes, sizes)
+    data = json.loads(path.read_text())
+    assert data["annotations"][0]["bbox"] == [1.0, 2.0, 29.0, 38.0]
+    back = load_prompts(path, sizes)
+    assert {name: p.boxes.tolist() for name, p in back.items()} == boxes
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            {"boxes": [[0, 0, 10, 10], [5, 5, 70, 10]]},
+            r"p.json: a.png: boxes\[1\] is \[5, 5, 70, 10\], outside the 64x32",
+        ),
+        ({"boxes": [[20, 0, 10, 10]]}, r"boxes\[0\] .*x0 > x1"),
+        ({"boxes": [[1, 2, 3]]}, r"boxes\[0\] .*four numbers"),
+        ({"points": [[1, 1], [2, 2]], "point_labels": [1, 2]}, r"points\[1\] has label 2; point labels are 1"),
+        ({"points": [[1, 1], [2, 2]], "point_labels": [1]}, r"2 points but 1 point_labels"),
+        ({"points": [[1, 1], [80, 2]]}, r"points\[1\] is \[80, 2\], outside"),
+        ({"boxes": [[0, 0, 5, 5], [1, 1, 6, 6]], "points": [[1, 1]]}, r"2 boxes but 1 point lists"),
+        ({"point_labels": [1]}, r"point_labels given without points"),
+        ({"box": [[0, 0, 5, 5]]}, r"unknown keys \['box'\]"),
+    ],
+)
+def test_bad_prompt_entries_give_one_line_naming_file_and_entry(tmp_path, entry, message):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"a.png": entry}))
+    with pytest.raises(ValueError, match=message) as error:
+        load_prompts(path, {"a.png": (32, 64)})
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+def test_an_image_not_in_the_folder_is_named(tmp_path):
+    path = write(tmp_path, {"zebra.png": {"boxes": [[0, 0, 5, 5]]}})
+    with pytest.raises(ValueError, match=r"image 'zebra.png' is not in the image folder \(it holds a.png\)"):
+        load_prompts(path, {"a.png": (32, 64)})
+
+
+def test_bad_coco_annotations_are_named(tmp_path):
+    coco = {"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 2, "bbox": [0, 0, 1, 1]}]}
+    with pytest.raises(ValueError, match=r"annotations\[0\] names image_id 2"):
+        read_prompts_file(write(tmp_path, coco))
+    coco["annotations"] = [{"image_id": 1, "bbox": [0, 0, -1, 1]}]
+    with pytest.raises(ValueError, match=r"annotations\[0\].bbox .*negative width"):
+        read_prompts_file(write(tmp_path, coco))
+
+
+def test_prompts_file_that_is_not_json_or_a_mapping_is_refused(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_prompts_file(path)
+    with pytest.raises(ValueError, match="must map image file names"):
+        read_prompts_file(write(tmp_path, [1, 2]))

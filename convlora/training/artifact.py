@@ -38,6 +38,8 @@ class TaskInfo:
         image_reading: how images were read in training (``ImageReading.to_dict()``: intensity mapping of
             high-bit-depth images, channels); prediction and evaluation read images the same way. Files
             without it get the defaults, under which 8-bit images are read as they always were.
+        prompt: the prompt kind the model was trained with (``"none"``: prompt-free; ``"box"``, ``"point"``,
+            ``"box_point"``, ``"mixed"``). Any model answers prompts; this records how it was trained.
         format_version: version of this file's format; files from a newer convlora are refused.
         weights_sha256: SHA-256 of each weights file in the folder, recorded at export and checked by
             :func:`load_trained` (safetensors files carry no checksum of their own).
@@ -53,6 +55,7 @@ class TaskInfo:
     merged: bool = False
     weights_sha256: dict[str, str] = field(default_factory=dict)
     image_reading: dict[str, Any] = field(default_factory=lambda: ImageReading().to_dict())
+    prompt: str = "none"
     format_version: int = TASK_FORMAT_VERSION
 
     @property

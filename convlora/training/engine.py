@@ -49,6 +49,7 @@ from .losses import build_loss
 from .methods import METHODS, build_task_model
 from .metrics import default_metric, is_better
 from .progress import Progress
+from .prompted import PromptedStep, evaluate_prompted, prepare_prompted_model
 from .report import model_card, plot_curves, save_overlay_grid
 
 
@@ -242,6 +243,7 @@ class Run:
     total_steps: int
     batches_per_epoch: int
     started: float
+    prompt: Any = None
     bar: Any = None
     stopped_early: bool = False
 
@@ -265,6 +267,12 @@ class Run:
 
     def elapsed(self) -> float:
         return self.state.elapsed + time.time() - self.started
+
+    def evaluate(self, model: nn.Module, dataset: Any) -> dict[str, float]:
+        """Metrics on a split: prompt-free, or under prompts derived from its masks (fixed seed) when prompted."""
+        if self.prompt is not None and self.prompt.prompted:
+            return evaluate_prompted(model, dataset, self.prompt, accelerator=self.accelerator)
+        return evaluate_split(model, dataset, self.data, self.accelerator, batch_size=self.config.batch_size)
 
 
 def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
@@ -316,6 +324,14 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
     data = build_datasets(config)
     base = load_sam(config.model, image_size=config.image_size)
     config, defaults = resolve_defaults(config, base)
+    prompt = config.prompt_config()
+    if prompt.prompted and data.mode == "multiclass":
+        raise ValueError(
+            f"prompt={config.prompt!r}: prompted training takes binary or instance masks; {config.data} is multi-class "
+            "(train it prompt-free, or give one object class per dataset)"
+        )
+    # prompted, SAM's IoU head learns the IoU of each prompted mask, so it stays trainable
+    freeze_iou_head = config.freeze_iou_head and not prompt.prompted
     notes += defaults
     family = family_of(base)
     image_size = family.image_size(base)
@@ -327,16 +343,19 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
         base_model=config.model,
         method=config.method,
         image_reading=data.image_reading,
+        prompt=prompt.kind,
     )
     data.set_image_size(image_size, family.input_format)
     adapter_config = config.adapter_config() if METHODS[config.method].uses_adapter else None
     if config.init_adapter is not None:
         model = continue_from_export(
-            base, task, config.init_adapter, freeze_iou_head=config.freeze_iou_head, adapter_settings=config.conv_lora
+            base, task, config.init_adapter, freeze_iou_head=freeze_iou_head, adapter_settings=config.conv_lora
         )
         notes.append(f"starting from the weights of {config.init_adapter} (init_adapter)")
     else:
-        model = build_task_model(base, task, adapter_config, freeze_iou_head=config.freeze_iou_head)
+        model = build_task_model(base, task, adapter_config, freeze_iou_head=freeze_iou_head)
+    if prompt.prompted:
+        prepare_prompted_model(model, prompt)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -363,7 +382,10 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
         if is_main:
             print(f"Resuming from {resume_from} (step {state.global_step}, epoch {state.epoch})")
 
-    step_module = TrainStep(model, build_loss(config.loss, task.mode))
+    if prompt.prompted:
+        step_module: nn.Module = PromptedStep(model, prompt, seed=config.seed)
+    else:
+        step_module = TrainStep(model, build_loss(config.loss, task.mode))
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -393,6 +415,7 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
         total_steps=total_steps,
         batches_per_epoch=batches_per_epoch,
         started=started,
+        prompt=prompt,
         bar=bar,
     )
 
@@ -478,7 +501,7 @@ def _evaluate_and_keep_best(run: Run, epoch: int) -> None:
     """Validation metrics; the model is exported to ``adapter/`` whenever the metric improves."""
     config, state, accelerator = run.config, run.state, run.accelerator
     model = run.model
-    scores = evaluate_split(model, run.data.val, run.data, accelerator, batch_size=config.batch_size)
+    scores = run.evaluate(model, run.data.val)
     state.history.append({"epoch": epoch, "step": state.global_step, **scores})
     value = scores.get(state.metric)
     if value is None:
@@ -520,7 +543,7 @@ def _finish(run: Run) -> TrainResult:
         best_model, _ = load_trained(run.adapter_dir)
         best_model.to(accelerator.device)
         if data.test is not None:
-            test_metrics = evaluate_split(best_model, data.test, data, accelerator, batch_size=config.batch_size)
+            test_metrics = run.evaluate(best_model, data.test)
         if accelerator.is_main_process and config.overlay_samples:
             save_overlay_grid(best_model, data.val, run.run_dir / "val_overlays.png", config.overlay_samples)
     wall = run.elapsed()

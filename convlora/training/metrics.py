@@ -99,6 +99,8 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "e_measure_adaptive": True,
     "weighted_f_measure": True,
     "miou": True,
+    "object_iou": True,
+    "object_dice": True,
     "pixel_accuracy": True,
     "mean_accuracy": True,
 }
