@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ._io import atomic_dir, write_json
-from .models import segmentation_logits
-from .models.processing import overlay, postprocess_masks, preprocess, save_mask_png
+from .models import family_of, segmentation_logits
+from .models.processing import InputFormat, overlay, postprocess_masks, preprocess, save_mask_png
 from .training.artifact import TASK_FILE, TaskInfo, load_trained
 from .training.methods import METHODS
 from .training.report import logits_to_mask
@@ -78,8 +78,13 @@ class Segmenter:
             from .models import load_sam
 
             model = load_sam(path)
-            task = base_task(int(model.config.vision_config.image_size), str(path))
+            task = base_task(family_of(model).image_size(model), str(path))
         return cls(model.to(device).eval(), task, device)
+
+    @property
+    def input_format(self) -> InputFormat:
+        """How this model's family wants its images normalised and fitted (see ``ModelFamily.input_format``)."""
+        return family_of(self.model).input_format
 
     def _pixels(self, image: ImageInput) -> np.ndarray:
         from .data import read_image, to_rgb8
@@ -92,7 +97,7 @@ class Segmenter:
 
     @torch.no_grad()
     def _whole_logits(self, pixels: np.ndarray) -> torch.Tensor:
-        pixel_values, info = preprocess(pixels, self.task.image_size)
+        pixel_values, info = preprocess(pixels, self.task.image_size, self.input_format)
         logits = segmentation_logits(self.model, pixel_values.unsqueeze(0).to(self.device))
         return postprocess_masks(logits.float().cpu(), info)[0]
 
@@ -133,7 +138,7 @@ class Segmenter:
         from .training.prompted import predict_prompts
 
         pixels = self._pixels(image)
-        pixel_values, info = preprocess(pixels, self.task.image_size)
+        pixel_values, info = preprocess(pixels, self.task.image_size, self.input_format)
         return predict_prompts(self.model, pixel_values.to(self.device), info, prompts, multimask=multimask)
 
     def predict(
@@ -326,7 +331,9 @@ def evaluate(
     task = segmenter.task
     report = check_dataset(data, mode=task.mode, num_classes=task.num_classes, reading=task.image_reading)
     split = "test" if "test" in report.samples else None
-    dataset = SegmentationDataset.from_report(report, split, image_size=task.image_size)
+    dataset = SegmentationDataset.from_report(
+        report, split, image_size=task.image_size, input_format=segmenter.input_format
+    )
     if prompt is not None and prompt != "none":
         from .data.prompts import PromptConfig
         from .training.prompted import evaluate_prompted
@@ -339,7 +346,9 @@ def evaluate(
         if not compare_base:
             return scores
         base = Segmenter.from_pretrained(base_model or task.base_model, device=segmenter.device)
-        base_dataset = SegmentationDataset.from_report(report, split, image_size=base.task.image_size)
+        base_dataset = SegmentationDataset.from_report(
+            report, split, image_size=base.task.image_size, input_format=base.input_format
+        )
         return {"model": scores, "base": evaluate_prompted(base.model, base_dataset, config, object_kind=object_kind)}
     if compare_base:
         raise ValueError("evaluate: compare_base compares prompted models; give a prompt kind too")

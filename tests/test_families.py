@@ -327,3 +327,13 @@ def test_a_sam2_video_checkpoint_loads_as_the_image_model(tmp_path):
     assert type(model).__name__ == "Sam2Model" and family_of(model).name == "sam2"
     qkv = "vision_encoder.backbone.blocks.0.attn.qkv.weight"
     assert torch.equal(model.get_parameter(qkv), video.get_parameter(qkv))
+
+
+def test_a_segmenter_of_a_sam3_model_reads_images_as_sam3_does():
+    from convlora.inference import Segmenter, base_task
+    from convlora.models.processing import InputFormat
+
+    segmenter = Segmenter(make_base("sam3").eval(), base_task(224, "tiny-sam3"))
+    assert segmenter.input_format == InputFormat((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), pad_to_square=False)
+    logits = segmenter.predict_logits(torch.zeros(30, 50, 3, dtype=torch.uint8).numpy())
+    assert logits.shape == (1, 30, 50)

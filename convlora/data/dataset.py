@@ -124,10 +124,12 @@ class SegmentationDataset(Dataset):
         augment: AugmentConfig | None = None,
         seed: int = 0,
         reading: ImageReading | Mapping[str, Any] | None = None,
+        input_format: InputFormat = SAM_INPUT,
     ) -> SegmentationDataset:
         """The usable samples of one split (or all) of an inspected dataset, read as the report decided.
 
-        Images are read with ``reading``, or as the inspection read them when ``None``.
+        Images are read with ``reading``, or as the inspection read them when ``None``, and fitted to the
+        model as ``input_format`` says (the model family's; SAM's by default).
 
         >>> from convlora.data import check_dataset
         >>> dataset = SegmentationDataset.from_report(check_dataset("data/polyp"), "train")  # doctest: +SKIP
@@ -143,6 +145,7 @@ class SegmentationDataset(Dataset):
             class_names=report.class_names or None,
             reading=reading if reading is not None else (report.image_reading or None),
             class_colors=report.class_colors or None,
+            input_format=input_format,
         )
 
     @property
