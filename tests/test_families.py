@@ -337,3 +337,21 @@ def test_a_segmenter_of_a_sam3_model_reads_images_as_sam3_does():
     assert segmenter.input_format == InputFormat((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), pad_to_square=False)
     logits = segmenter.predict_logits(torch.zeros(30, 50, 3, dtype=torch.uint8).numpy())
     assert logits.shape == (1, 30, 50)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CASES))
+def test_a_prompted_training_step_runs_on_every_family_and_reaches_the_adapters(family):
+    from convlora.data.prompts import PromptConfig
+    from convlora.training.prompted import PromptedStep, prepare_prompted_model
+
+    model = build(family, "conv_lora", init=False)
+    config = PromptConfig(kind="box")
+    prepare_prompted_model(model, config)
+    size = FAMILY_CASES[family][1]
+    labels = torch.zeros(2, size, size, dtype=torch.int64)
+    labels[:, size // 4 : size // 2, size // 4 : size // 2] = 1
+    out = PromptedStep(model, config).train()(make_images(family), labels)
+    assert out["objects"] == 2 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    grads = [p.grad for n, p in model.named_parameters() if "conv_lora_A" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

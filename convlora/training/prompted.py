@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from ..data.prompts import (
@@ -43,6 +44,7 @@ from ..data.prompts import (
 )
 from ..models import find_sam
 from ..models.processing import ResizeInfo, postprocess_masks
+from ..models.semantic import class_decoder_classes
 from ..tuner.moe import moe_aux_loss
 
 ImageEmbeddings = dict[str, Any]
@@ -58,10 +60,8 @@ def check_promptable(model: nn.Module) -> nn.Module:
     >>> type(check_promptable(random_sam(tiny_sam_config()))).__name__
     'SamModel'
     """
-    from ..models.semantic import ClassQueryMaskDecoder
-
     sam = find_sam(model)
-    if isinstance(sam.mask_decoder, ClassQueryMaskDecoder):
+    if class_decoder_classes(sam) is not None:
         raise ValueError(
             "this model has a multi-class (class-query) mask decoder, which gives one mask per class, not per "
             "prompt; prompt a binary fine-tune or the base SAM (Segmenter.from_pretrained('convlora-tiny'))"
@@ -84,12 +84,41 @@ def encode_images(model: nn.Module, pixel_values: torch.Tensor) -> ImageEmbeddin
     torch.Size([2, 16, 8, 8])
     """
     sam = check_promptable(model)
+    if hasattr(sam, "no_memory_embedding"):  # SAM 2 / SAM 3: the decoder reads a pyramid of feature maps
+        return {"image_embeddings": _feature_pyramid(sam, pixel_values)}
     output = sam.vision_encoder(pixel_values)
     embeddings: ImageEmbeddings = {"image_embeddings": output.last_hidden_state}  # (b, c, S/16, S/16)
     intermediate = getattr(output, "intermediate_embeddings", None)
     if intermediate is not None:  # SAM-HQ's decoder also reads early encoder features
         embeddings["intermediate_embeddings"] = intermediate
     return embeddings
+
+
+def _feature_pyramid(sam: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """SAM 2 / SAM 3 image embeddings as their ``get_image_embeddings`` builds them, but with gradients.
+
+    The last (coarsest) map gets the "no memory" embedding a single image is decoded with; every map comes
+    back as ``(b, c, h, w)``.
+    """
+    maps = list(sam.get_image_features(pixel_values, return_dict=True).fpn_hidden_states)  # each ((h w), b, c)
+    maps[-1] = maps[-1] + sam.no_memory_embedding
+    return [
+        rearrange(feature, "(h w) b c -> b c h w", h=size[0], w=size[1])
+        # SAM 3's encoder gives one map more than its decoder reads; zip keeps the ones it reads, as transformers does
+        for feature, size in zip(maps, sam.backbone_feature_sizes, strict=False)
+    ]
+
+
+def _coarsest(embeddings: ImageEmbeddings) -> torch.Tensor:
+    """The embedding the masks are predicted from (the last map of a SAM 2 / SAM 3 pyramid)."""
+    image = embeddings["image_embeddings"]
+    return image[-1] if isinstance(image, list) else image
+
+
+def _select(image: torch.Tensor | list[torch.Tensor], index: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    return (
+        [level.index_select(0, index) for level in image] if isinstance(image, list) else image.index_select(0, index)
+    )
 
 
 def decode_prompts(
@@ -120,9 +149,9 @@ def decode_prompts(
         ``(n, m)``, ``m`` = 3 with ``multimask`` else 1.
     """
     sam = check_promptable(model)
-    image_index = image_index.to(embeddings["image_embeddings"].device)
+    image_index = image_index.to(_coarsest(embeddings).device)
     inputs: dict[str, Any] = {
-        "image_embeddings": embeddings["image_embeddings"].index_select(0, image_index),
+        "image_embeddings": _select(embeddings["image_embeddings"], image_index),
         "multimask_output": multimask,
     }
     if "intermediate_embeddings" in embeddings:
@@ -215,7 +244,7 @@ def predict_prompts(
     framed = prompt_tensors(to_input_frame(prompts, info), device)
     index = torch.zeros(count, dtype=torch.int64, device=device)
     ambiguous = torch.as_tensor(prompts.single_point, device=device)
-    side = embeddings["image_embeddings"].shape[-1] * 4
+    side = _coarsest(embeddings).shape[-1] * 4
     logits = torch.zeros(count, side, side, device=device)
     scores = torch.zeros(count, device=device)
     if multimask is None:
@@ -392,7 +421,7 @@ class PromptedStep(nn.Module):
             valids.append(np.broadcast_to(valid, objects.masks.shape))
             index += [i] * len(objects)
         if not index:  # nothing to prompt: a zero loss that still reaches the encoder's graph
-            zero = embeddings["image_embeddings"].float().sum() * 0.0
+            zero = _coarsest(embeddings).float().sum() * 0.0
             return self._result(zero, aux, torch.zeros((), device=device), 0, skipped, device)
         prompts = _concat(prompt_sets)
         object_masks = np.concatenate(masks)
