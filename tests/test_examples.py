@@ -39,3 +39,20 @@ def test_demo_command_runs_quickly_and_resumes_its_own_folder(tmp_path, monkeypa
     assert main(["demo", "--quick", "--output-dir", "runs/demo"]) == 0
     assert (tmp_path / "runs" / "demo" / "comparison.json").is_file()
     assert (tmp_path / "data" / "polyp" / "dataset.json").is_file()
+
+
+def test_the_prompted_example_compares_vanilla_and_both_fine_tunes_under_the_same_boxes(tmp_path, monkeypatch):
+    argv = [
+        "prompted_skin.py",
+        "--quick",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--synthetic-dir",
+        str(tmp_path / "d"),
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(EXAMPLES / "prompted_skin.py"), run_name="__main__")
+    rows = json.loads((tmp_path / "run" / "comparison.json").read_text())["test"]
+    assert set(rows) == {"vanilla", "decoder", "conv_lora"}
+    assert len({rows[name]["objects"] for name in rows}) == 1  # the same boxes for every model
+    assert all(0.0 <= rows[name]["object_iou"] <= 1.0 for name in rows)
