@@ -54,7 +54,7 @@ def main(out: str) -> int:
         }
     save_file({k: v.contiguous() for k, v in expected.items()}, str(root / "expected.safetensors"))
     (root / "README.md").write_text(__doc__)
-    json.dump({"convlora": convlora.__version__, "commit": "ee7eed3"}, open(root / "made_by.json", "w"))
+    (root / "made_by.json").write_text(json.dumps({"convlora": convlora.__version__, "commit": "ee7eed3"}))
     shutil.rmtree(work)
     return 0
 

@@ -154,5 +154,3 @@ def check_adapter_complete(model: nn.Module, directory: str | Path) -> None:
             f"{weights} lacks {len(missing)} tensors the base model needs, e.g. {missing[:3]}; the adapter was "
             "trained on a different architecture (e.g. fewer encoder layers)"
         )
-
-
