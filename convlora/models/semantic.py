@@ -17,7 +17,6 @@ SAM 2's and SAM 3's decoders get the same treatment in :mod:`convlora.models.sem
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -25,10 +24,10 @@ from torch import nn
 from transformers.models.sam.modeling_sam import SamMaskDecoder
 
 from .family import family_of, find_sam
-from .semantic_sam2 import CLASS_QUERY_DECODERS, ClassQueries
+from .semantic_sam2 import CLASS_QUERY_DECODERS, ClassQueries, ClassTokens
 
 
-class ClassQueryMaskDecoder(SamMaskDecoder):
+class ClassQueryMaskDecoder(ClassTokens, SamMaskDecoder):
     """SAM's mask decoder with one query token per class and a shared hypernetwork MLP.
 
     Build it with :func:`install_class_decoder` from a (pretrained) SAM model. ``forward`` has the
@@ -42,17 +41,7 @@ class ClassQueryMaskDecoder(SamMaskDecoder):
 
     def __init__(self, config: Any, num_classes: int) -> None:
         super().__init__(config)
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2 (background included), got {num_classes!r}")
-        self.num_classes = num_classes
-        self.class_tokens = nn.Embedding(num_classes, config.hidden_size)
-        self.class_mlp = copy.deepcopy(self.output_hypernetworks_mlps[0])
-
-    def init_from_sam(self) -> None:
-        """Initialise every class token from SAM's first mask token and the class MLP from its first MLP."""
-        with torch.no_grad():
-            self.class_tokens.weight.copy_(self.mask_tokens.weight[:1].expand_as(self.class_tokens.weight))
-            self.class_mlp.load_state_dict(self.output_hypernetworks_mlps[0].state_dict())
+        self.add_class_queries(config, num_classes)
 
     def forward(
         self,

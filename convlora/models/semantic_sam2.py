@@ -20,12 +20,11 @@ from transformers.models.sam2.modeling_sam2 import Sam2MaskDecoder
 from transformers.models.sam3_tracker.modeling_sam3_tracker import Sam3TrackerMaskDecoder
 
 
-class ClassQueries:
-    """Class tokens and a shared class MLP for a SAM 2 / SAM 3 mask decoder (mixed into a decoder subclass).
+class ClassTokens:
+    """Class tokens and a shared class MLP on a SAM-family mask decoder (mixed into a decoder subclass).
 
-    ``forward`` has the signature of ``Sam2MaskDecoder.forward``; it ignores ``multimask_output`` and returns
-    one mask-logit map per class ``(b, 1, k, 4h, 4w)``, the first IoU estimate repeated per class, the class
-    queries and the object score.
+    Shared by SAM's class-query decoder and SAM 2's / SAM 3's: ``add_class_queries`` creates them (call it
+    from ``__init__``), ``init_from_sam`` starts them from the pretrained first mask token and MLP.
     """
 
     num_classes: int
@@ -43,6 +42,15 @@ class ClassQueries:
         with torch.no_grad():
             self.class_tokens.weight.copy_(self.mask_tokens.weight[:1].expand_as(self.class_tokens.weight))
             self.class_mlp.load_state_dict(self.output_hypernetworks_mlps[0].state_dict())
+
+
+class ClassQueries(ClassTokens):
+    """Class tokens and a shared class MLP for a SAM 2 / SAM 3 mask decoder (mixed into a decoder subclass).
+
+    ``forward`` has the signature of ``Sam2MaskDecoder.forward``; it ignores ``multimask_output`` and returns
+    one mask-logit map per class ``(b, 1, k, 4h, 4w)``, the first IoU estimate repeated per class, the class
+    queries and the object score.
+    """
 
     def forward(
         self,
