@@ -24,6 +24,7 @@ from .training.config import load_config
 from .training.engine import train
 from .training.evaluate import evaluate_split
 from .training.methods import build_task_model
+from .training.prompted import evaluate_prompted
 
 
 def build_parser(domain: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -107,24 +108,30 @@ def run_example(domain: str, argv: Sequence[str] | None = None, description: str
 
 
 def zero_shot_metrics(config: Any) -> dict[str, float]:
-    """Test metrics of the base model before any fine-tuning, prompt-free.
+    """Test metrics of the base model before any fine-tuning, prompt-free or under the run's prompts.
 
     Args:
-        config: the run's ``TrainConfig`` (data, model and image size are read from it).
+        config: the run's ``TrainConfig`` (data, model, image size and prompt kind are read from it).
 
-    For a binary task this is SAM's own first mask; for a multi-class task the freshly initialised class
-    decoder, whose classes all start alike, so the number shows what an untrained head gives.
+    Prompt-free, for a binary task this is SAM's own first mask; for a multi-class task the freshly
+    initialised class decoder, whose classes all start alike, so the number shows what an untrained head
+    gives. With a prompt kind (``config.prompt``) it is vanilla SAM under exactly the prompts the fine-tune
+    is tested with (derived from the ground truth under the same fixed seed): the "vanilla vs fine-tuned"
+    comparison.
     """
     data = build_datasets(config)
     base = load_sam(config.model, image_size=config.image_size)
     size = family_of(base).image_size(base)
     data.set_image_size(size, family_of(base).input_format)
+    split = data.test if data.test is not None else data.val
+    prompt = config.prompt_config()
+    if prompt.prompted:
+        return evaluate_prompted(base.eval(), split, prompt)
     task = TaskInfo(
         data.mode, data.num_classes, list(data.class_names), size, config.model, "decoder",
         image_reading=data.image_reading,
     )  # fmt: skip
     model = build_task_model(base, task).eval()
-    split = data.test if data.test is not None else data.val
     return evaluate_split(model, split, data, None, batch_size=config.batch_size)
 
 

@@ -150,10 +150,11 @@ def run_one(fields: dict[str, Any], run_dir: Path, domain: str, arm: Arm) -> dic
 
 
 def zero_shot(fields: dict[str, Any], domain_dir: Path, domain: str) -> dict[str, Any]:
-    """Test metrics of the untouched base model (prompt-free), once per domain and setting; cached like a run.
+    """Test metrics of the untouched base model, once per domain and setting; cached like a run.
 
-    The reference every method starts from: SAM's own first mask for binary domains, a freshly initialised
-    class decoder (seed 0) for multi-class ones.
+    The reference every method starts from: prompt-free, SAM's own first mask for binary domains and a
+    freshly initialised class decoder (seed 0) for multi-class ones; with a prompt kind in the experiment's
+    ``train`` settings, vanilla SAM under the same ground-truth prompts the fine-tunes are tested with.
     """
 
     fields = {**fields, "method": "decoder", "seed": 0, "max_steps": None}
