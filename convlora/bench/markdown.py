@@ -65,7 +65,7 @@ def quality_markdown(result: dict[str, Any]) -> str:
     ]
     baseline = summary[0]["baseline"] if summary else None
     if len(summary) > 1:
-        lines += _by_domain_table(summary, arms, baseline)
+        lines += _by_domain_table(summary, arms, baseline, _prompt(result))
     for row in summary:
         lines += ["", f"**{row['domain']}**: every reported metric (Δ against {baseline})", ""]
         lines += _by_arm_table(row, arms)
@@ -80,7 +80,15 @@ def quality_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _by_domain_table(summary: list[dict[str, Any]], arms: list[str], baseline: str | None) -> list[str]:
+def _prompt(result: dict[str, Any]) -> str | None:
+    """The prompt kind a quality result's runs were trained and tested with, ``None`` when prompt-free."""
+    prompt = result["config"].get("train", {}).get("prompt", "none")
+    return None if prompt == "none" else prompt
+
+
+def _by_domain_table(
+    summary: list[dict[str, Any]], arms: list[str], baseline: str | None, prompt: str | None = None
+) -> list[str]:
     contrast = "conv_lora" if "conv_lora" in arms and baseline and baseline != "conv_lora" else None
     zero = any("zero_shot" in row for row in summary)
     header = ["domain", "metric", *(["zero-shot"] if zero else []), *arms]
@@ -108,7 +116,10 @@ def _by_domain_table(summary: list[dict[str, Any]], arms: list[str], baseline: s
     lines.append("| " + " | ".join(params + extra) + " |")
     lines.append("| " + " | ".join(sizes + extra) + " |")
     lines.append("")
-    note = "Zero-shot: the base model before fine-tuning, prompt-free. " if zero else ""
+    if prompt is None:
+        note = "Zero-shot: the base model before fine-tuning, prompt-free. " if zero else ""
+    else:
+        note = f"Zero-shot: vanilla SAM (the base model) under the same {prompt} prompts. " if zero else ""
     lines.append(f"{note}Bold: best mean per domain. Parameter counts and artifact sizes of {summary[0]['domain']}.")
     return lines
 
@@ -259,13 +270,15 @@ def _quality_summary(result: dict[str, Any]) -> list[str]:
     arms = [a["name"] for a in config["arms"]]
     baseline = result["summary"][0]["baseline"]
     seeds = _setting(result, "seeds")
+    prompted = "" if _prompt(result) is None else f", trained and tested with {_prompt(result)} prompts"
     lines = [
-        f"**Quality** (`{result['name']}`): test split, mean ± std over {len(seeds)} seeds, {_steps_text(result)} "
+        f"**Quality** (`{result['name']}`{prompted}): test split, mean ± std over {len(seeds)} seeds, "
+        f"{_steps_text(result)} "
         f"per run, base `{_setting(result, 'model')}`. The last column says whether "
         f"Conv-LoRA differs from {baseline} by more than two standard errors.",
         "",
     ]
-    lines += _by_domain_table(result["summary"], arms, baseline)
+    lines += _by_domain_table(result["summary"], arms, baseline, _prompt(result))
     return [*lines, ""]
 
 

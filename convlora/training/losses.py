@@ -395,24 +395,44 @@ def build_loss(name: str | None, mode: str, **kwargs: object) -> nn.Module:
     return registry[name](**kwargs)
 
 
-def per_mask_losses(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-mask focal, BCE and dice losses and IoU of ``logits`` ``(..., m, h, w)`` against ``target`` ``(..., h, w)``.
+def per_mask_losses(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-mask focal, BCE and soft-Dice losses and IoU of ``logits`` ``(..., m, h, w)`` against ``target``.
 
-    Returns tensors of shape ``(..., m)``; the IoU is of the thresholded mask and carries no gradient.
+    Every one of the ``m`` masks is scored against the same target, so SAM's several masks per prompt
+    (or per image) get one loss each; the prompted step back-propagates the best of them.
+
+    Args:
+        logits: ``(..., m, h, w)`` mask logits.
+        target: ``(..., h, w)`` objects (bool or 0/1).
+        valid: ``(..., h, w)`` pixels that count (padding and ignored pixels do not); all when ``None``.
+
+    Returns:
+        tensors of shape ``(..., m)``: ``focal``, ``bce``, ``dice`` (differentiable, means over the valid
+        pixels) and ``iou`` of the thresholded mask (no gradient; 1 when mask and target are both empty).
 
     >>> out = per_mask_losses(torch.zeros(1, 2, 4, 4), torch.ones(1, 4, 4))
     >>> [round(float(v), 3) for v in out["iou"][0]]
     [0.0, 0.0]
     """
-    t = target.unsqueeze(-3).expand_as(logits).flatten(-2)
-    x = logits.flatten(-2)
+    x = logits.float().flatten(-2)
+    t = target.unsqueeze(-3).float().expand_as(logits).flatten(-2)
+    w = None if valid is None else valid.unsqueeze(-3).float().expand_as(logits).flatten(-2)
+    count = x.shape[-1] if w is None else w.sum(-1).clamp_min(1.0)
+
+    def mean(values: torch.Tensor) -> torch.Tensor:  # over the valid pixels
+        return values.mean(-1) if w is None else (values * w).sum(-1) / count
+
     p = torch.sigmoid(x)
     ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
     p_t = p * t + (1 - p) * (1 - t)
-    focal = (ce * (1 - p_t) ** 2).mean(-1)
+    focal = mean(ce * (1 - p_t) ** 2)
+    if w is not None:
+        p, t = p * w, t * w
     dice = 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
     with torch.no_grad():
-        hard = (x > 0).float()
+        hard = (x > 0).float() if w is None else (x > 0).float() * w
         inter, union = (hard * t).sum(-1), ((hard + t) > 0).float().sum(-1)
         iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-    return {"focal": focal, "bce": ce.mean(-1), "dice": dice, "iou": iou}
+    return {"focal": focal, "bce": mean(ce), "dice": dice, "iou": iou}

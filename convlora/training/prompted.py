@@ -46,6 +46,7 @@ from ..models import find_sam
 from ..models.processing import ResizeInfo, postprocess_masks
 from ..models.semantic import class_decoder_classes
 from ..tuner.moe import moe_aux_loss
+from .losses import per_mask_losses
 
 ImageEmbeddings = dict[str, Any]
 
@@ -263,41 +264,6 @@ def predict_prompts(
     return full, scores.float().cpu()
 
 
-def per_mask_loss(
-    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """BCE + soft Dice of each mask, and its real IoU, over the valid pixels.
-
-    Args:
-        logits: ``(n, m, h, w)`` mask logits.
-        targets: bool ``(n, h, w)`` objects.
-        valid: bool ``(n, h, w)`` pixels that count (padding and ignored pixels do not).
-
-    Returns:
-        loss ``(n, m)`` (differentiable) and IoU ``(n, m)`` of the thresholded masks (no gradient).
-
-    >>> loss, iou = per_mask_loss(torch.full((1, 2, 2, 2), 9.0), torch.ones(1, 2, 2, dtype=torch.bool),
-    ...                           torch.ones(1, 2, 2, dtype=torch.bool))
-    >>> iou.tolist()
-    [[1.0, 1.0]]
-    """
-    logits = logits.float()
-    target = targets[:, None].float().expand_as(logits)
-    weight = valid[:, None].float().expand_as(logits)
-    count = weight.flatten(2).sum(-1).clamp_min(1.0)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    bce = (bce * weight).flatten(2).sum(-1) / count
-    probs = logits.sigmoid() * weight
-    inter = (probs * target).flatten(2).sum(-1)
-    dice = 1.0 - (2.0 * inter + 1.0) / (probs.flatten(2).sum(-1) + (target * weight).flatten(2).sum(-1) + 1.0)
-    with torch.no_grad():
-        hard = (logits > 0).float() * weight
-        inter_hard = (hard * target).flatten(2).sum(-1)
-        union = ((hard + target * weight) > 0).float().flatten(2).sum(-1)
-        iou = torch.where(union > 0, inter_hard / union.clamp_min(1.0), torch.ones_like(union))
-    return bce + dice, iou
-
-
 def prepare_prompted_model(model: nn.Module, config: PromptConfig) -> list[str]:
     """Set which SAM prompt-path parts train for prompted fine-tuning; returns the names it froze.
 
@@ -442,7 +408,8 @@ class PromptedStep(nn.Module):
                 **prompt_tensors(prompts, device),
             )
             full = F.interpolate(low.float(), size=size, mode="bilinear", align_corners=False)  # (n, m, S, S)
-            loss, iou = per_mask_loss(full, targets, valid)
+            parts = per_mask_losses(full, targets, valid)
+            loss, iou = parts["bce"] + parts["dice"], parts["iou"]
             best = loss.detach().argmin(dim=1)  # the best of SAM's three masks (only one without multimask)
             rows = torch.arange(loss.shape[0], device=device)
             iou_loss = F.mse_loss(iou_pred.float(), iou)  # every predicted mask's IoU estimate, as SAM trains it
@@ -624,7 +591,6 @@ __all__ = [
     "encode_images",
     "evaluate_prompted",
     "evaluation_prompts",
-    "per_mask_loss",
     "predict_prompts",
     "prepare_prompted_model",
     "prompt_tensors",
