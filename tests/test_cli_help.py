@@ -272,6 +272,7 @@ def test_on_a_terminal_progress_is_a_redrawn_bar():
 def test_library_progress_bars_are_turned_off_only_without_a_terminal():
     import transformers
 
+    transformers.utils.logging.enable_progress_bar()  # an earlier CLI run in this process may have turned them off
     assert quiet_library_bars((FakeTerminal(), FakeTerminal())) is False
     assert transformers.utils.logging.is_progress_bar_enabled()
     try:

@@ -1,5 +1,7 @@
 """Dense and sparse routing of the conv-expert mixture agree, and the dense one traces and compiles."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,14 +70,17 @@ def test_odd_scales_compute_one_conv_output_per_grid_position_and_large_even_sca
     assert axis_plan(8, 2.0, "bicubic").positions == 16  # overlapping taps: every up-sampled row
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["autograd", "no_grad"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_each_expert_equals_interpolate_conv_gelu_interpolate(case):
+def test_each_expert_equals_interpolate_conv_gelu_interpolate(case, frozen):
     settings, shape = CASES[case]
     moe = mixture(settings, "sparse")
     z = torch.randn(shape).permute(0, 3, 1, 2)
     for index in range(moe.num_experts):
         expected = interpolate_conv_reference(moe, index, z)
-        assert torch.allclose(moe.run_expert(index, z), expected, atol=1e-5), moe.scales[index]
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            found = moe.run_expert(index, z)
+        assert torch.allclose(found, expected, atol=1e-5), moe.scales[index]
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
@@ -152,3 +157,19 @@ def test_torch_compile_of_an_adapted_tiny_sam_matches_eager(make_sam, images):
         expected = model(pixel_values=images, multimask_output=False).pred_masks
         found = compiled(pixel_values=images, multimask_output=False).pred_masks
     assert torch.allclose(found, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+def test_sparse_dispatch_sends_each_sample_through_its_own_expert_when_stacks_share_a_chain(grad):
+    moe = mixture({}, "sparse").eval()
+    z = torch.randn(32, 8, 8, 3)
+    with torch.no_grad():
+        chosen = moe.route(z)[0][:, 0]
+    # several experts of one stack (odd scales, or 4/6/8) are used: their rows share one gathered chain
+    assert max(sum(int((chosen == e).any()) for e in stack) for stack in moe._stacks(8, 8)) >= 3
+    with torch.no_grad() if not grad else contextlib.nullcontext():
+        out = moe(z)
+    features = z.permute(0, 3, 1, 2)
+    for sample in range(len(z)):
+        expected = interpolate_conv_reference(moe, int(chosen[sample]), features[sample : sample + 1])
+        assert torch.allclose(out[sample], expected[0].permute(1, 2, 0), atol=1e-5), sample

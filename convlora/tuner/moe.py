@@ -14,8 +14,10 @@ GELU is linear, the conv's taps fold into those matrices and the conv is compute
 back reads it: for odd scales one position per output pixel, for large even scales four per axis.
 Two dispatches give the same outputs and gradients:
 
-- ``"sparse"``: each expert runs on the samples routed to it (one sort, one gather, one ``index_add``):
-  least arithmetic, but data-dependent shapes and, on an accelerator, a host sync;
+- ``"sparse"``: each expert runs on the samples routed to it (one sort, one gather, one ``index_add``;
+  experts with equally shaped matrices share one chain of batched products in which every sample reads
+  its own expert's matrices): least arithmetic, but data-dependent shapes and, on an accelerator, a host
+  sync;
 - ``"dense"``: every expert runs on every sample and a per-sample weight (zero unless chosen) selects:
   static shapes, no host sync, traceable by ``torch.compile`` and the ONNX exporter.
 
@@ -40,6 +42,10 @@ ROUTING_MODES = ("auto", "sparse", "dense")
 
 # Added to the learned noise scale so that the gate keeps exploring while its noise weights are zero.
 NOISE_EPSILON = 1e-2
+# The sparse dispatch runs a stack's used experts as one gathered chain when there are more than this many
+# (with autograd; one more without it, where no backward pass shares the saving), else a chain each:
+# gathering the matrices costs about one chain's operator calls (measured on a 2-core CPU).
+GATHER_FROM = 1
 # PyTorch's bicubic kernel constant.
 CUBIC_A = -0.75
 
@@ -366,14 +372,13 @@ class ConvExpertMixture(nn.Module):
         noise_std: torch.Tensor,
     ) -> torch.Tensor:
         """Probability, under fresh noise, that each expert would be in the top k: a smooth load."""
-        sorted_noisy = torch.sort(noisy_logits, dim=-1, descending=True).values
-        # For an expert inside the top k the threshold to beat is the (k+1)-th logit; for the others it is
-        # the k-th one.
-        threshold_if_in = sorted_noisy[:, self.top_k : self.top_k + 1]
-        threshold_if_out = sorted_noisy[:, self.top_k - 1 : self.top_k]
-        normal = torch.distributions.Normal(0.0, 1.0)
-        prob_if_in = normal.cdf((clean_logits - threshold_if_in) / noise_std)
-        prob_if_out = normal.cdf((clean_logits - threshold_if_out) / noise_std)
+        # the (k+1) largest noisy logits: for an expert inside the top k the threshold to beat is the
+        # (k+1)-th, for the others the k-th
+        largest = torch.topk(noisy_logits, self.top_k + 1, dim=-1).values
+        threshold_if_in = largest[:, self.top_k : self.top_k + 1]
+        threshold_if_out = largest[:, self.top_k - 1 : self.top_k]
+        prob_if_in = torch.special.ndtr((clean_logits - threshold_if_in) / noise_std)  # the standard normal's CDF
+        prob_if_out = torch.special.ndtr((clean_logits - threshold_if_out) / noise_std)
         is_in = noisy_logits > threshold_if_in
         return torch.where(is_in, prob_if_in, prob_if_out)
 
@@ -494,7 +499,10 @@ class ConvExpertMixture(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each expert on the samples routed to it only: one sort, one gather, one scatter back.
 
-        Returns the mixed features and how many (sample, slot) pairs went to each expert.
+        Experts whose resize matrices have the same shapes (see :meth:`_stacks`) run as one chain of
+        batched products in which every sample reads its own expert's matrices, so a batch spread over
+        eight experts costs three chains, not eight. Returns the mixed features and how many
+        (sample, slot) pairs went to each expert.
         """
         slots = top_indices.flatten()  # (b k): the expert of each (sample, slot)
         counts = torch.bincount(slots, minlength=self.num_experts)
@@ -503,19 +511,69 @@ class ConvExpertMixture(nn.Module):
             expert = sizes.index(len(slots))
             y = self.run_expert(expert, features)
             return (y * combine.to(y.dtype).view(-1, 1, 1, 1) if self.weighted_combine else y), counts
-        order = torch.argsort(slots, stable=True)
+        limit = GATHER_FROM if torch.is_grad_enabled() else GATHER_FROM + 1
+        plan: list[tuple[list[int], bool]] = []  # (experts, gathered), in the order of their rows
+        for experts in self._stacks(*features.shape[-2:]):
+            used = [e for e in experts if sizes[e]]
+            plan += [(used, True)] if len(used) > limit else [([e], False) for e in used]
+        if all(len(experts) == 1 for experts, _ in plan):  # a chain per expert: rows sorted by expert
+            plan.sort()
+            order = torch.argsort(slots, stable=True)
+        else:
+            rank = [0] * self.num_experts
+            for index, (experts, _) in enumerate(plan):
+                for expert in experts:
+                    rank[expert] = index
+            order = torch.argsort(torch.tensor(rank, device=slots.device)[slots], stable=True)
         samples = torch.div(order, self.top_k, rounding_mode="floor")
         grid = rearrange(features, "b r h w -> b h w r")  # gather in the channels-last memory layout
-        grouped = rearrange(grid.index_select(0, samples), "n h w r -> n r h w")  # (b k, r, h, w), by expert
+        grouped = rearrange(grid.index_select(0, samples), "n h w r -> n r h w")  # (b k, r, h, w), in plan order
         outputs, start = [], 0
-        for expert, count in enumerate(sizes):
-            if count:
-                outputs.append(self.run_expert(expert, grouped[start : start + count]))
+        for experts, gathered in plan:
+            count = sum(sizes[e] for e in experts)
+            rows = grouped[start : start + count]
+            if gathered:
+                outputs.append(self._run_gathered(experts, rows, slots[order[start : start + count]]))
+            else:
+                outputs.append(self.run_expert(experts[0], rows))
             start += count
         y = torch.cat(outputs)
         if self.weighted_combine:  # otherwise every factor is 1
             y = y * combine.flatten()[order].to(y.dtype).view(-1, 1, 1, 1)
         return torch.zeros_like(features).index_add(0, samples, y), counts
+
+    def _run_gathered(self, experts: list[int], z: torch.Tensor, row_experts: torch.Tensor) -> torch.Tensor:
+        """Each row of ``z`` ``(m, r, h, w)`` through its own expert ``row_experts`` ``(m,)`` of the stack ``experts``.
+
+        The computation of :meth:`run_expert` (scale 1 included: its resize matrices are the identity) with
+        every matrix gathered per row, so one chain of batched products serves several experts whose
+        matrices have the same shapes. Full convs only.
+        """
+        height, width = int(z.shape[-2]), int(z.shape[-1])
+        rows = [axis_plan(height, self.scales[e], self.interpolation) for e in experts]
+        cols = [axis_plan(width, self.scales[e], self.interpolation) for e in experts]
+        key = (tuple(self.scales[e] for e in experts), self.interpolation)
+        local = [0] * self.num_experts  # expert id -> its place in the stack
+        for place, expert in enumerate(experts):
+            local[expert] = place
+        place = torch.tensor(local, device=z.device)[row_experts]  # (m,)
+        up_h = _matrix([p.up for p in rows], ("stack_up", height, *key), z).index_select(0, place)  # (m, p, 3 h)
+        up_w = _matrix([p.up for p in cols], ("stack_up", width, *key), z).index_select(0, place)  # (m, q, 3 w)
+        down_h = _matrix([p.down for p in rows], ("stack_down", height, *key), z).index_select(0, place)  # (m, h, p)
+        down_w = _matrix([p.down for p in cols], ("stack_down", width, *key), z).index_select(0, place)  # (m, w, q)
+        weight = self.expert_weight.index_select(0, row_experts).to(z.dtype)  # (m, o, c, 3, 3)
+        bias = self.expert_bias.index_select(0, row_experts).to(z.dtype)  # (m, o)
+        channels, q = weight.shape[1], up_w.shape[1]
+        grid = rearrange(z, "m c h w -> m (h w) c")  # a view: the mixture's input is channels-last
+        taps = torch.bmm(grid, rearrange(weight, "m o c a b -> m c (o a b)"))  # (m, h w, r 3 3): one per conv tap
+        taps = rearrange(taps, "m (h w) (o a b) -> m (o a h) (b w)", h=height, a=3, b=3)
+        y = torch.bmm(taps, up_w.transpose(1, 2))  # (m, r 3 h, q)
+        y = rearrange(y, "m (o a h) q -> m (a h) (o q)", a=3, h=height)
+        y = rearrange(torch.bmm(up_h, y), "m p (o q) -> m p o q", q=q)  # conv outputs where the resize back reads
+        y = F.gelu(y + bias[:, None, :, None])
+        y = torch.bmm(down_h, rearrange(y, "m p o q -> m p (o q)"))  # (m, h, r q)
+        y = torch.bmm(rearrange(y, "m h (o q) -> m (h o) q", q=q), down_w.transpose(1, 2))  # (m, h r, w)
+        return rearrange(y, "m (h o) w -> m o h w", o=channels)
 
     def extra_repr(self) -> str:
         conv = "depthwise" if self.groups > 1 else "full"
