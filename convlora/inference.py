@@ -21,13 +21,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from torch import nn
 
 from ._io import atomic_dir, write_json
-from .models import family_of, segmentation_logits
-from .models.processing import InputFormat, overlay, postprocess_masks, preprocess, save_mask_png
-from .training.artifact import TASK_FILE, TaskInfo, load_trained
+from .data import SegmentationDataset, check_dataset, read_image, read_image_size, to_rgb8
+from .data.prompt_files import build_prompts, load_prompts
+from .data.prompts import PAD_LABEL, PromptConfig
+from .models import family_of, load_sam, segmentation_logits
+from .models.merged_io import merged_extra_parameters, write_merged
+from .models.processing import PALETTE, InputFormat, overlay, postprocess_masks, preprocess, save_mask_png
+from .training.artifact import TASK_FILE, TaskInfo, load_trained, write_task_file
+from .training.evaluate import evaluate_split
 from .training.methods import METHODS
+from .training.metrics import build_metrics
+from .training.prompted import evaluate_prompted, predict_prompts
 from .training.report import logits_to_mask
 
 ImageInput = np.ndarray | str | Path
@@ -75,8 +83,6 @@ class Segmenter:
         if (Path(path) / TASK_FILE).is_file():
             model, task = load_trained(path, base_model=base_model)
         else:
-            from .models import load_sam
-
             model = load_sam(path)
             task = base_task(family_of(model).image_size(model), str(path))
         return cls(model.to(device).eval(), task, device)
@@ -87,7 +93,6 @@ class Segmenter:
         return family_of(self.model).input_format
 
     def _pixels(self, image: ImageInput) -> np.ndarray:
-        from .data import read_image, to_rgb8
 
         if isinstance(image, (str, Path)):
             return read_image(image, self.task.image_reading)
@@ -135,7 +140,6 @@ class Segmenter:
             prompts: prompts in the image's original pixels (see :func:`~convlora.data.build_prompts`).
             multimask: see :meth:`predict`.
         """
-        from .training.prompted import predict_prompts
 
         pixels = self._pixels(image)
         pixel_values, info = preprocess(pixels, self.task.image_size, self.input_format)
@@ -180,7 +184,6 @@ class Segmenter:
             return logits_to_mask(logits.unsqueeze(0))[0].numpy().astype(np.uint8)
         if tile is not None:
             raise ValueError("predict: tile is for prompt-free prediction; prompts already say where to look")
-        from .data.prompt_files import build_prompts
 
         pixels = self._pixels(image)
         prompts = build_prompts(boxes, points, point_labels, image_size=pixels.shape[:2], source="predict")
@@ -323,9 +326,6 @@ def evaluate(
 
     >>> evaluate("runs/polyp/adapter", "data/polyp", prompt="box", compare_base=True)  # doctest: +SKIP
     """
-    from .data import SegmentationDataset, check_dataset
-    from .training.evaluate import evaluate_split
-    from .training.metrics import build_metrics
 
     segmenter = Segmenter.from_pretrained(model_path, base_model=base_model)
     task = segmenter.task
@@ -335,9 +335,6 @@ def evaluate(
         report, split, image_size=task.image_size, input_format=segmenter.input_format
     )
     if prompt is not None and prompt != "none":
-        from .data.prompts import PromptConfig
-        from .training.prompted import evaluate_prompted
-
         if tile is not None:
             raise ValueError("evaluate: tile is for prompt-free evaluation, not with prompt")
         config = PromptConfig(**{**(prompt_settings or {}), "kind": prompt})
@@ -365,10 +362,6 @@ def evaluate(
 
 def _draw_prompts(image: np.ndarray, masks: np.ndarray, prompts: Any) -> np.ndarray:
     """An overlay of one mask per prompt (a colour each) with its box and points drawn on top."""
-    from PIL import Image, ImageDraw
-
-    from .data.prompts import PAD_LABEL
-    from .models.processing import PALETTE
 
     ids = np.zeros(image.shape[:2], dtype=np.int64)
     for i, mask in enumerate(masks):
@@ -430,9 +423,6 @@ def predict_folder(
         tile: prompt-free: segment in windows of this size (see :func:`tiled_logits`).
         overlap: pixels shared by neighbouring windows.
     """
-    from PIL import Image
-
-    from .data import check_dataset, read_image
 
     segmenter = Segmenter.from_pretrained(model_path, base_model=base_model)
     report = check_dataset(images, reading=segmenter.task.image_reading)
@@ -440,8 +430,6 @@ def predict_folder(
     binary = segmenter.task.mode == "binary"
     prompt_sets = None
     if prompts is not None:
-        from .data.prompt_files import load_prompts
-
         if tile is not None:
             raise ValueError("predict: --tile is for prompt-free prediction; it cannot be combined with --prompts")
         names = _image_names(paths, images)
@@ -496,7 +484,6 @@ def predict_folder(
 
 
 def _sizes(names: dict[str, Path]) -> dict[str, tuple[int, int]]:
-    from .data import read_image_size
 
     cache: dict[Path, tuple[int, int]] = {}
     sizes = {}
@@ -519,8 +506,6 @@ def merge_model(model_path: str | Path, output_dir: str | Path, *, base_model: s
         output_dir: where the merged model goes (replaced atomically).
         base_model: see :meth:`Segmenter.from_pretrained`.
     """
-    from .models.merged_io import merged_extra_parameters, write_merged
-    from .training.artifact import load_trained, write_task_file
 
     model, task = load_trained(model_path, base_model=base_model)
     if not METHODS[task.method].uses_adapter:

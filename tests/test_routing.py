@@ -159,14 +159,17 @@ def test_torch_compile_of_an_adapted_tiny_sam_matches_eager(make_sam, images):
     assert torch.allclose(found, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("side", [8, 16], ids=["one_padded_stack", "stacks_by_shape"])
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
-def test_sparse_dispatch_sends_each_sample_through_its_own_expert_when_stacks_share_a_chain(grad):
+def test_sparse_dispatch_sends_each_sample_through_its_own_expert_when_stacks_share_a_chain(grad, side):
     moe = mixture({}, "sparse").eval()
-    z = torch.randn(32, 8, 8, 3)
+    z = torch.randn(32, side, side, 3) + 2 * torch.randn(32, 1, 1, 3)  # grid means spread, so does the gate
+    # 8x8: every expert in one gathered chain, smaller matrices zero-padded; 16x16: one chain per matrix shape
+    assert moe._one_gathered_stack(side, side) == (side == 8)
     with torch.no_grad():
         chosen = moe.route(z)[0][:, 0]
     # several experts of one stack (odd scales, or 4/6/8) are used: their rows share one gathered chain
-    assert max(sum(int((chosen == e).any()) for e in stack) for stack in moe._stacks(8, 8)) >= 3
+    assert max(sum(int((chosen == e).any()) for e in stack) for stack in moe._stacks(side, side)) >= 3
     with torch.no_grad() if not grad else contextlib.nullcontext():
         out = moe(z)
     features = z.permute(0, 3, 1, 2)

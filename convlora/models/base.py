@@ -18,6 +18,15 @@ from torch import nn
 from .processing import IMAGENET_MEAN, IMAGENET_STD, InputFormat
 
 
+def square_side(value: int | list[int] | tuple[int, ...]) -> int:
+    """One side of a square size that a transformers config gives as an int or as a pair.
+
+    >>> square_side([1024, 1024]), square_side(14)
+    (1024, 14)
+    """
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
 def vision_patch_size(model: Any) -> int:
     """``config.vision_config.patch_size`` of a SAM-1-style model (SAM, SAM-HQ)."""
     return int(model.config.vision_config.patch_size)

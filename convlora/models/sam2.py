@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import ModelFamily
+from .base import ModelFamily, square_side
 from .processing import IMAGENET_MEAN, IMAGENET_STD
 
 # Hiera hyper-parameters of the released checkpoints (facebook/sam2{,.1}-hiera-{tiny,small,base-plus,large}).
@@ -120,14 +120,12 @@ def _hiera(model: Any) -> Any:
 
 def image_size(model: nn.Module) -> int:
     """The square input size a SAM 2 model takes."""
-    size = _hiera(model).image_size
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
+    return square_side(_hiera(model).image_size)
 
 
 def patch_size(model: nn.Module) -> int:
     """Stride of Hiera's patch embedding (4: the first stage works on a quarter-resolution grid)."""
-    stride = _hiera(model).patch_stride
-    return int(stride[0] if isinstance(stride, (list, tuple)) else stride)
+    return square_side(_hiera(model).patch_stride)
 
 
 def size_multiple(model: nn.Module) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import ModelFamily
+from .base import ModelFamily, square_side
 from .sam2 import single_token_masks
 
 # SAM 3's image encoder as released (facebook/sam3); transformers' defaults describe it.
@@ -104,14 +104,12 @@ def _vit(model: Any) -> Any:
 
 def image_size(model: nn.Module) -> int:
     """The square input size a SAM 3 model takes (1008 for the released one)."""
-    size = _vit(model).image_size
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
+    return square_side(_vit(model).image_size)
 
 
 def patch_size(model: nn.Module) -> int:
     """SAM 3's patch size (14)."""
-    patch = _vit(model).patch_size
-    return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+    return square_side(_vit(model).patch_size)
 
 
 def resize_sam3(model: nn.Module, size: int) -> nn.Module:

@@ -46,6 +46,8 @@ NOISE_EPSILON = 1e-2
 # (with autograd; one more without it, where no backward pass shares the saving), else a chain each:
 # gathering the matrices costs about one chain's operator calls (measured on a 2-core CPU).
 GATHER_FROM = 1
+# Values per row (r x positions x positions) up to which the sparse dispatch gathers every expert into one chain.
+ONE_STACK_VALUES = 2**12
 # PyTorch's bicubic kernel constant.
 CUBIC_A = -0.75
 
@@ -167,6 +169,18 @@ def axis_plan(size: int, scale: float, mode: str) -> AxisPlan:
             if owner in (None, index):
                 down[index][column] = weights.get(p, 0.0)
     return AxisPlan(size, scaled, len(blocks), up, down)
+
+
+def _padded_up(plans: list[AxisPlan]) -> list[list[list[float]]]:
+    """The plans' ``up`` matrices stacked, zero rows appended up to the largest number of positions."""
+    positions = max(p.positions for p in plans)
+    return [p.up + [[0.0] * (3 * p.size)] * (positions - p.positions) for p in plans]
+
+
+def _padded_down(plans: list[AxisPlan]) -> list[list[list[float]]]:
+    """The plans' ``down`` matrices stacked, zero columns appended up to the largest number of positions."""
+    positions = max(p.positions for p in plans)
+    return [[row + [0.0] * (positions - p.positions) for row in p.down] for p in plans]
 
 
 _MATRICES: dict[tuple, torch.Tensor] = {}
@@ -513,9 +527,13 @@ class ConvExpertMixture(nn.Module):
             return (y * combine.to(y.dtype).view(-1, 1, 1, 1) if self.weighted_combine else y), counts
         limit = GATHER_FROM if torch.is_grad_enabled() else GATHER_FROM + 1
         plan: list[tuple[list[int], bool]] = []  # (experts, gathered), in the order of their rows
-        for experts in self._stacks(*features.shape[-2:]):
-            used = [e for e in experts if sizes[e]]
-            plan += [(used, True)] if len(used) > limit else [([e], False) for e in used]
+        used = [e for e in range(self.num_experts) if sizes[e]]
+        if len(used) > limit and self._one_gathered_stack(*features.shape[-2:]):
+            plan = [(used, True)]  # small grid: every used expert in one chain, smaller matrices zero-padded
+        else:
+            for experts in self._stacks(*features.shape[-2:]):
+                used = [e for e in experts if sizes[e]]
+                plan += [(used, True)] if len(used) > limit else [([e], False) for e in used]
         if all(len(experts) == 1 for experts, _ in plan):  # a chain per expert: rows sorted by expert
             plan.sort()
             order = torch.argsort(slots, stable=True)
@@ -542,6 +560,19 @@ class ConvExpertMixture(nn.Module):
             y = y * combine.flatten()[order].to(y.dtype).view(-1, 1, 1, 1)
         return torch.zeros_like(features).index_add(0, samples, y), counts
 
+    def _one_gathered_stack(self, height: int, width: int) -> bool:
+        """Whether the sparse dispatch runs every expert as one gathered chain on this grid (full convs, small grids).
+
+        Each row then carries the largest expert's positions (:data:`ONE_STACK_VALUES` values at most): for
+        convlora-tiny's 8x8 windows and 16x16 grid and ViT-B's 14x14 windows the padding costs less than the
+        operator calls of separate chains; ViT-B's 64x64 global grid at 1024 px stacks by matrix shapes.
+        """
+        if self.groups > 1:
+            return False
+        rows = max(axis_plan(int(height), s, self.interpolation).positions for s in self.scales)
+        cols = max(axis_plan(int(width), s, self.interpolation).positions for s in self.scales)
+        return self.channels * rows * cols <= ONE_STACK_VALUES
+
     def _run_gathered(self, experts: list[int], z: torch.Tensor, row_experts: torch.Tensor) -> torch.Tensor:
         """Each row of ``z`` ``(m, r, h, w)`` through its own expert ``row_experts`` ``(m,)`` of the stack ``experts``.
 
@@ -557,10 +588,12 @@ class ConvExpertMixture(nn.Module):
         for place, expert in enumerate(experts):
             local[expert] = place
         place = torch.tensor(local, device=z.device)[row_experts]  # (m,)
-        up_h = _matrix([p.up for p in rows], ("stack_up", height, *key), z).index_select(0, place)  # (m, p, 3 h)
-        up_w = _matrix([p.up for p in cols], ("stack_up", width, *key), z).index_select(0, place)  # (m, q, 3 w)
-        down_h = _matrix([p.down for p in rows], ("stack_down", height, *key), z).index_select(0, place)  # (m, h, p)
-        down_w = _matrix([p.down for p in cols], ("stack_down", width, *key), z).index_select(0, place)  # (m, w, q)
+        # experts with fewer positions than the largest get zero rows in their up-sampling and zero columns in
+        # their down-sampling matrices: the padded positions hold gelu(bias) but are never read back
+        up_h = _matrix(_padded_up(rows), ("gather_up", height, *key), z).index_select(0, place)  # (m, p, 3 h)
+        up_w = _matrix(_padded_up(cols), ("gather_up", width, *key), z).index_select(0, place)  # (m, q, 3 w)
+        down_h = _matrix(_padded_down(rows), ("gather_down", height, *key), z).index_select(0, place)  # (m, h, p)
+        down_w = _matrix(_padded_down(cols), ("gather_down", width, *key), z).index_select(0, place)  # (m, w, q)
         weight = self.expert_weight.index_select(0, row_experts).to(z.dtype)  # (m, o, c, 3, 3)
         bias = self.expert_bias.index_select(0, row_experts).to(z.dtype)  # (m, o)
         channels, q = weight.shape[1], up_w.shape[1]
