@@ -137,6 +137,11 @@ def test_dense_routing_exports_to_a_static_graph_without_nonzero():
     assert torch.allclose(program.module()(z), moe(z), atol=1e-6)
 
 
+# the resize plans are lru_cached pure functions of plain ints: Dynamo tracing through the cache is correct
+DYNAMO_LRU = pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+
+
+@DYNAMO_LRU
 def test_torch_compile_of_the_mixture_matches_eager_in_train_and_eval():
     # aot_eager traces with dynamo and AOT autograd like inductor does, without compiling C++ (slow here)
     moe = mixture({"scales": [1, 2, 3]}, "auto")
@@ -150,6 +155,7 @@ def test_torch_compile_of_the_mixture_matches_eager_in_train_and_eval():
     assert compiled.aux_loss is not None
 
 
+@DYNAMO_LRU
 def test_torch_compile_of_an_adapted_tiny_sam_matches_eager(make_sam, images):
     model = apply_conv_lora(make_sam(), ConvLoraConfig(num_experts=3, init_lora_weights=False)).eval()
     compiled = torch.compile(model, backend="aot_eager")
