@@ -171,16 +171,22 @@ def axis_plan(size: int, scale: float, mode: str) -> AxisPlan:
     return AxisPlan(size, scaled, len(blocks), up, down)
 
 
-def _padded_up(plans: list[AxisPlan]) -> list[list[list[float]]]:
-    """The plans' ``up`` matrices stacked, zero rows appended up to the largest number of positions."""
-    positions = max(p.positions for p in plans)
-    return [p.up + [[0.0] * (3 * p.size)] * (positions - p.positions) for p in plans]
+@functools.lru_cache(maxsize=256)
+def padded_stack(size: int, scales: tuple[float, ...], mode: str) -> tuple[list, list]:
+    """The ``up`` and ``down`` matrices of experts with ``scales`` along an axis of ``size``, stacked.
 
+    Experts with fewer positions than the largest get zero rows in ``up`` and zero columns in ``down``,
+    so that every expert's matrices have the same shapes.
 
-def _padded_down(plans: list[AxisPlan]) -> list[list[list[float]]]:
-    """The plans' ``down`` matrices stacked, zero columns appended up to the largest number of positions."""
+    >>> up, down = padded_stack(4, (1.0, 8.0), "bicubic")
+    >>> len(up[0]), len(up[1]), len(down[0][0])  # scale 1 padded to scale 8's 16 positions
+    (16, 16, 16)
+    """
+    plans = [axis_plan(size, scale, mode) for scale in scales]
     positions = max(p.positions for p in plans)
-    return [[row + [0.0] * (positions - p.positions) for row in p.down] for p in plans]
+    up = [p.up + [[0.0] * (3 * p.size)] * (positions - p.positions) for p in plans]
+    down = [[row + [0.0] * (positions - p.positions) for row in p.down] for p in plans]
+    return up, down
 
 
 _MATRICES: dict[tuple, torch.Tensor] = {}
@@ -514,9 +520,9 @@ class ConvExpertMixture(nn.Module):
         """Each expert on the samples routed to it only: one sort, one gather, one scatter back.
 
         Experts whose resize matrices have the same shapes (see :meth:`_stacks`) run as one chain of
-        batched products in which every sample reads its own expert's matrices, so a batch spread over
-        eight experts costs three chains, not eight. Returns the mixed features and how many
-        (sample, slot) pairs went to each expert.
+        batched products in which every sample reads its own expert's matrices (on small grids every expert
+        does), so a batch spread over eight experts costs one to three chains, not eight. Returns the mixed
+        features and how many (sample, slot) pairs went to each expert.
         """
         slots = top_indices.flatten()  # (b k): the expert of each (sample, slot)
         counts = torch.bincount(slots, minlength=self.num_experts)
@@ -534,15 +540,11 @@ class ConvExpertMixture(nn.Module):
             for experts in self._stacks(*features.shape[-2:]):
                 used = [e for e in experts if sizes[e]]
                 plan += [(used, True)] if len(used) > limit else [([e], False) for e in used]
-        if all(len(experts) == 1 for experts, _ in plan):  # a chain per expert: rows sorted by expert
-            plan.sort()
-            order = torch.argsort(slots, stable=True)
-        else:
-            rank = [0] * self.num_experts
-            for index, (experts, _) in enumerate(plan):
-                for expert in experts:
-                    rank[expert] = index
-            order = torch.argsort(torch.tensor(rank, device=slots.device)[slots], stable=True)
+        rank = [0] * self.num_experts  # rows sorted by their place in the plan
+        for index, (experts, _) in enumerate(plan):
+            for expert in experts:
+                rank[expert] = index
+        order = torch.argsort(torch.tensor(rank, device=slots.device)[slots], stable=True)
         samples = torch.div(order, self.top_k, rounding_mode="floor")
         grid = rearrange(features, "b r h w -> b h w r")  # gather in the channels-last memory layout
         grouped = rearrange(grid.index_select(0, samples), "n h w r -> n r h w")  # (b k, r, h, w), in plan order
@@ -577,23 +579,24 @@ class ConvExpertMixture(nn.Module):
         """Each row of ``z`` ``(m, r, h, w)`` through its own expert ``row_experts`` ``(m,)`` of the stack ``experts``.
 
         The computation of :meth:`run_expert` (scale 1 included: its resize matrices are the identity) with
-        every matrix gathered per row, so one chain of batched products serves several experts whose
-        matrices have the same shapes. Full convs only.
+        every matrix gathered per row, so one chain of batched products serves several experts (their
+        matrices zero-padded to the largest, see :func:`padded_stack`). Full convs only.
         """
         height, width = int(z.shape[-2]), int(z.shape[-1])
-        rows = [axis_plan(height, self.scales[e], self.interpolation) for e in experts]
-        cols = [axis_plan(width, self.scales[e], self.interpolation) for e in experts]
-        key = (tuple(self.scales[e] for e in experts), self.interpolation)
+        scales = tuple(self.scales[e] for e in experts)
+        key = (scales, self.interpolation)
         local = [0] * self.num_experts  # expert id -> its place in the stack
         for place, expert in enumerate(experts):
             local[expert] = place
         place = torch.tensor(local, device=z.device)[row_experts]  # (m,)
         # experts with fewer positions than the largest get zero rows in their up-sampling and zero columns in
         # their down-sampling matrices: the padded positions hold gelu(bias) but are never read back
-        up_h = _matrix(_padded_up(rows), ("gather_up", height, *key), z).index_select(0, place)  # (m, p, 3 h)
-        up_w = _matrix(_padded_up(cols), ("gather_up", width, *key), z).index_select(0, place)  # (m, q, 3 w)
-        down_h = _matrix(_padded_down(rows), ("gather_down", height, *key), z).index_select(0, place)  # (m, h, p)
-        down_w = _matrix(_padded_down(cols), ("gather_down", width, *key), z).index_select(0, place)  # (m, w, q)
+        rows_up, rows_down = padded_stack(height, scales, self.interpolation)
+        cols_up, cols_down = padded_stack(width, scales, self.interpolation)
+        up_h = _matrix(rows_up, ("gather_up", height, *key), z).index_select(0, place)  # (m, p, 3 h)
+        up_w = _matrix(cols_up, ("gather_up", width, *key), z).index_select(0, place)  # (m, q, 3 w)
+        down_h = _matrix(rows_down, ("gather_down", height, *key), z).index_select(0, place)  # (m, h, p)
+        down_w = _matrix(cols_down, ("gather_down", width, *key), z).index_select(0, place)  # (m, w, q)
         weight = self.expert_weight.index_select(0, row_experts).to(z.dtype)  # (m, o, c, 3, 3)
         bias = self.expert_bias.index_select(0, row_experts).to(z.dtype)  # (m, o)
         channels, q = weight.shape[1], up_w.shape[1]
