@@ -270,7 +270,8 @@ def _quality_summary(result: dict[str, Any]) -> list[str]:
     arms = [a["name"] for a in config["arms"]]
     baseline = result["summary"][0]["baseline"]
     seeds = _setting(result, "seeds")
-    prompted = "" if _prompt(result) is None else f", trained and tested with {_prompt(result)} prompts"
+    prompt = _prompt(result)
+    prompted = "" if prompt is None else f", trained and tested with {prompt} prompts"
     lines = [
         f"**Quality** (`{result['name']}`{prompted}): test split, mean ± std over {len(seeds)} seeds, "
         f"{_steps_text(result)} "
@@ -278,7 +279,7 @@ def _quality_summary(result: dict[str, Any]) -> list[str]:
         f"Conv-LoRA differs from {baseline} by more than two standard errors.",
         "",
     ]
-    lines += _by_domain_table(result["summary"], arms, baseline, _prompt(result))
+    lines += _by_domain_table(result["summary"], arms, baseline, prompt)
     return [*lines, ""]
 
 

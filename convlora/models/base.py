@@ -27,6 +27,11 @@ def square_side(value: int | list[int] | tuple[int, ...]) -> int:
     return int(value[0] if isinstance(value, (list, tuple)) else value)
 
 
+def backbone_config(model: Any) -> Any:
+    """``config.vision_config.backbone_config`` of a model whose encoder is a backbone plus a neck (SAM 2, SAM 3)."""
+    return model.config.vision_config.backbone_config
+
+
 def vision_patch_size(model: Any) -> int:
     """``config.vision_config.patch_size`` of a SAM-1-style model (SAM, SAM-HQ)."""
     return int(model.config.vision_config.patch_size)

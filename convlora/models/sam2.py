@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import ModelFamily, square_side
+from .base import ModelFamily, backbone_config, square_side
 from .processing import IMAGENET_MEAN, IMAGENET_STD
 
 # Hiera hyper-parameters of the released checkpoints (facebook/sam2{,.1}-hiera-{tiny,small,base-plus,large}).
@@ -114,23 +114,19 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.vision_encoder.backbone.blocks
 
 
-def _hiera(model: Any) -> Any:
-    return model.config.vision_config.backbone_config
-
-
 def image_size(model: nn.Module) -> int:
     """The square input size a SAM 2 model takes."""
-    return square_side(_hiera(model).image_size)
+    return square_side(backbone_config(model).image_size)
 
 
 def patch_size(model: nn.Module) -> int:
     """Stride of Hiera's patch embedding (4: the first stage works on a quarter-resolution grid)."""
-    return square_side(_hiera(model).patch_stride)
+    return square_side(backbone_config(model).patch_stride)
 
 
 def size_multiple(model: nn.Module) -> int:
     """Inputs must tile the first stage's windows and survive every query-pooling stage (32 for SAM 2)."""
-    hiera = _hiera(model)
+    hiera = backbone_config(model)
     stride = patch_size(model)
     pooled = stride * int(hiera.query_stride[0]) ** int(hiera.num_query_pool_stages)
     return math.lcm(stride * int(hiera.window_size_per_stage[0]), pooled, 16)

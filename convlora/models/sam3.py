@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import ModelFamily, square_side
+from .base import ModelFamily, backbone_config, square_side
 from .sam2 import single_token_masks
 
 # SAM 3's image encoder as released (facebook/sam3); transformers' defaults describe it.
@@ -98,18 +98,14 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.vision_encoder.backbone.layers
 
 
-def _vit(model: Any) -> Any:
-    return model.config.vision_config.backbone_config
-
-
 def image_size(model: nn.Module) -> int:
     """The square input size a SAM 3 model takes (1008 for the released one)."""
-    return square_side(_vit(model).image_size)
+    return square_side(backbone_config(model).image_size)
 
 
 def patch_size(model: nn.Module) -> int:
     """SAM 3's patch size (14)."""
-    return square_side(_vit(model).patch_size)
+    return square_side(backbone_config(model).patch_size)
 
 
 def resize_sam3(model: nn.Module, size: int) -> nn.Module:

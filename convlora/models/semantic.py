@@ -17,8 +17,6 @@ SAM 2's and SAM 3's decoders get the same treatment in :mod:`convlora.models.sem
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 from transformers.models.sam.modeling_sam import SamMaskDecoder
@@ -38,10 +36,6 @@ class ClassQueryMaskDecoder(ClassTokens, SamMaskDecoder):
         config: the ``SamMaskDecoderConfig`` of the model.
         num_classes: number of classes including the background (class 0), at least 2.
     """
-
-    def __init__(self, config: Any, num_classes: int) -> None:
-        super().__init__(config)
-        self.add_class_queries(config, num_classes)
 
     def forward(
         self,

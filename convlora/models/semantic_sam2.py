@@ -23,16 +23,17 @@ from transformers.models.sam3_tracker.modeling_sam3_tracker import Sam3TrackerMa
 class ClassTokens:
     """Class tokens and a shared class MLP on a SAM-family mask decoder (mixed into a decoder subclass).
 
-    Shared by SAM's class-query decoder and SAM 2's / SAM 3's: ``add_class_queries`` creates them (call it
-    from ``__init__``), ``init_from_sam`` starts them from the pretrained first mask token and MLP.
+    Shared by SAM's class-query decoder and SAM 2's / SAM 3's: the constructor takes the stock decoder's
+    config and the class count, builds the stock decoder (next in the method resolution order) and adds the
+    class tokens; ``init_from_sam`` starts them from the pretrained first mask token and MLP.
     """
 
     num_classes: int
 
-    def add_class_queries(self, config: Any, num_classes: int) -> None:
-        """Create the class tokens and the shared class MLP (called from ``__init__``)."""
+    def __init__(self, config: Any, num_classes: int) -> None:
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2 (background included), got {num_classes!r}")
+        super().__init__(config)  # the stock mask decoder, next in the method resolution order
         self.num_classes = num_classes
         self.class_tokens = nn.Embedding(num_classes, config.hidden_size)
         self.class_mlp = copy.deepcopy(self.output_hypernetworks_mlps[0])
@@ -100,10 +101,6 @@ class ClassQuerySam2MaskDecoder(ClassQueries, Sam2MaskDecoder):
         num_classes: number of classes including the background (class 0), at least 2.
     """
 
-    def __init__(self, config: Any, num_classes: int) -> None:
-        super().__init__(config)
-        self.add_class_queries(config, num_classes)
-
 
 class ClassQuerySam3MaskDecoder(ClassQueries, Sam3TrackerMaskDecoder):
     """SAM 3's (``Sam3TrackerModel``'s) mask decoder with one query token per class (see :class:`ClassQueries`).
@@ -112,10 +109,6 @@ class ClassQuerySam3MaskDecoder(ClassQueries, Sam3TrackerMaskDecoder):
         config: the ``Sam3TrackerMaskDecoderConfig`` of the model.
         num_classes: number of classes including the background (class 0), at least 2.
     """
-
-    def __init__(self, config: Any, num_classes: int) -> None:
-        super().__init__(config)
-        self.add_class_queries(config, num_classes)
 
 
 # Stock decoder class -> its class-query subclass.
