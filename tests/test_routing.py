@@ -106,6 +106,55 @@ def test_dense_and_sparse_routing_give_the_same_outputs_aux_loss_and_gradients(c
             assert torch.allclose(p_dense.grad, p_sparse.grad, atol=1e-5), name
 
 
+@pytest.mark.parametrize("batch", [1, 6], ids=["one_row_unpadded", "rows_padded"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_folded_chain_of_frozen_experts_gives_each_sample_its_own_experts_output(case, batch):
+    settings, shape = CASES[case]
+    moe = mixture(settings, "sparse").eval()
+    z = torch.randn(batch, *shape[1:]) + 2 * torch.randn(batch, 1, 1, shape[-1])  # spread the gate's choices
+    with torch.no_grad():
+        assert moe._folds(*shape[1:3])  # no gradient needed and a small grid: the folded chain runs
+        found = moe(z)
+        top_indices, combine, _ = moe.route(z)
+    features = z.permute(0, 3, 1, 2)
+    for sample in range(batch):
+        factors = combine[sample] if moe.weighted_combine else torch.ones(moe.top_k)
+        expected = sum(
+            interpolate_conv_reference(moe, int(e), features[sample : sample + 1])[0] * float(c)
+            for e, c in zip(top_indices[sample], factors, strict=True)
+        )
+        assert torch.allclose(found[sample], expected.permute(1, 2, 0), atol=1e-5), sample
+    assert torch.equal(moe.last_expert_counts, torch.bincount(top_indices.flatten(), minlength=moe.num_experts))
+    if batch > 1:
+        assert (moe.last_expert_counts > 0).sum() >= 2, "the case should route to several experts"
+
+
+def test_folded_matrices_follow_the_expert_weights_when_they_change():
+    moe = mixture({}, "sparse").eval()
+    z = torch.randn(6, 8, 8, 3) + 2 * torch.randn(6, 1, 1, 3)
+    optimizer = torch.optim.SGD(moe.parameters(), lr=0.5)
+    with torch.no_grad():
+        before = moe(z)
+    (moe.train()(z.requires_grad_()).square().sum()).backward()  # an optimiser step changes the weights in place
+    optimizer.step()
+    moe.eval()
+    with torch.no_grad():
+        after = moe(z)
+        assert not torch.allclose(after, before, atol=1e-3)
+        moe._fold_fits = {(8, 8): False}  # the same forward through the unfolded chain
+        assert torch.allclose(after, moe(z), atol=1e-5)
+        moe._fold_fits = {}
+        moe.load_state_dict(mixture({}, "sparse", seed=1).state_dict())  # loaded weights
+        loaded = moe(z)
+        assert torch.allclose(loaded, mixture({}, "sparse", seed=1).eval()(z), atol=1e-5)
+    with torch.inference_mode():
+        assert torch.allclose(moe(z), loaded, atol=1e-6)
+    doubled = moe.double()  # another dtype folds anew
+    with torch.no_grad():
+        assert doubled(z.double()).dtype == torch.float64
+        assert torch.allclose(doubled(z.double()).float(), loaded, atol=1e-5)
+
+
 def test_routing_spreads_samples_so_the_comparisons_cover_several_experts():
     moe = mixture({}, "dense").eval()
     moe(torch.randn(32, 4, 4, 3))

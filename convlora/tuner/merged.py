@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .moe import ConvExpertMixture, check_grid
+from .moe import ConvExpertMixture, _tracing, check_grid
 
 
 def _experts_spec(experts: ConvExpertMixture) -> dict[str, Any]:
@@ -85,11 +85,14 @@ class ConvLoraSideBranch(nn.Module):
         """The settings needed to rebuild this branch before loading its weights."""
         return _experts_spec(self.experts)
 
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """The experts' output ``(b, h, w, r)`` for a grid ``x`` ``(b, h, w, in)``, before the up-projection."""
+        check_grid(x, "A merged Conv-LoRA layer")
+        return self.experts(self.down(x.to(self.down.weight.dtype)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The branch's contribution ``(b, h, w, out)`` for a grid ``x`` ``(b, h, w, in)``."""
-        check_grid(x, "A merged Conv-LoRA layer")
-        z = self.down(x.to(self.down.weight.dtype))  # (b, h, w, r)
-        return self.up(self.experts(z))  # (b, h, w, out)
+        return self.up(self.bottleneck(x))  # (b, h, w, out)
 
 
 class ConvLoraMergedLinear(nn.Linear):
@@ -143,5 +146,10 @@ class ConvLoraMergedLinear(nn.Linear):
         """The folded linear layer plus every side branch."""
         result = super().forward(x)
         for branch in self.side_branches.values():
-            result = result + branch(x).to(result.dtype)
+            if torch.is_grad_enabled() or _tracing() or branch.up.weight.dtype != result.dtype:
+                result = result + branch(x).to(result.dtype)
+            else:  # eager inference: the up-projection adds into the result in place, one pass over it fewer
+                bottleneck = branch.bottleneck(x)
+                flat = result.view(-1, result.shape[-1])
+                flat.addmm_(bottleneck.reshape(-1, bottleneck.shape[-1]), branch.up.weight.t())
         return result

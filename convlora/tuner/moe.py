@@ -22,14 +22,18 @@ Two dispatches give the same outputs and gradients:
   static shapes, no host sync, traceable by ``torch.compile`` and the ONNX exporter.
 
 ``"auto"`` (the default) is dense while tracing or compiling and on accelerators, sparse in eager CPU
-runs where it is faster (see ``docs/guides/deploy.md``).
+runs where it is faster (see ``docs/guides/deploy.md``). On small grids the sparse dispatch needs no sort:
+every (sample, slot) row reads its own expert's matrices, zero-padded to the largest expert's, in batch
+order. When no gradient is needed (a merged model, evaluation) it also folds each expert's conv weights
+into its width-wise resize once per grid and keeps the result until the weights change, so that frozen
+experts cost four batched products and a GELU per layer.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +52,9 @@ NOISE_EPSILON = 1e-2
 GATHER_FROM = 1
 # Values per row (r x positions x positions) up to which the sparse dispatch gathers every expert into one chain.
 ONE_STACK_VALUES = 2**12
+# The same bound for the folded chain of frozen experts (inference): it saves nothing for a backward pass, so
+# padding costs only arithmetic, cheaper than operator calls up to convlora-tiny's 16x16 and ViT-B's 14x14 grids.
+FOLDED_VALUES = 2**14
 # PyTorch's bicubic kernel constant.
 CUBIC_A = -0.75
 
@@ -62,7 +69,6 @@ def _cubic_far(x: float) -> float:
     return ((CUBIC_A * x - 5 * CUBIC_A) * x + 8 * CUBIC_A) * x - 4 * CUBIC_A
 
 
-@functools.lru_cache(maxsize=256)
 def resize_taps(size_in: int, size_out: int, mode: str) -> Taps:
     """One-axis weights of ``F.interpolate(..., size, mode, align_corners=False)``, as plain Python.
 
@@ -171,7 +177,6 @@ def axis_plan(size: int, scale: float, mode: str) -> AxisPlan:
     return AxisPlan(size, scaled, len(blocks), up, down)
 
 
-@functools.lru_cache(maxsize=256)
 def padded_stack(size: int, scales: tuple[float, ...], mode: str) -> tuple[list, list]:
     """The ``up`` and ``down`` matrices of experts with ``scales`` along an axis of ``size``, stacked.
 
@@ -192,12 +197,14 @@ def padded_stack(size: int, scales: tuple[float, ...], mode: str) -> tuple[list,
 _MATRICES: dict[tuple, torch.Tensor] = {}
 
 
-def _matrix(values: list[list[float]], key: tuple, like: torch.Tensor) -> torch.Tensor:
-    """``values`` as a tensor on ``like``'s device and dtype, cached; a tracer sees a constant either way."""
+def _matrix(key: tuple, like: torch.Tensor, values: Callable[[], list]) -> torch.Tensor:
+    """``values()`` as a tensor on ``like``'s device and dtype, cached under ``key`` (the nested lists are built
+    only on a miss and not kept: as Python floats they take four times a tensor's memory); a tracer sees a
+    constant either way."""
     key = (*key, like.dtype, like.device)
     matrix = _MATRICES.get(key)
     if matrix is None:
-        matrix = torch.tensor(values, dtype=like.dtype, device=like.device)
+        matrix = torch.tensor(values(), dtype=like.dtype, device=like.device)
         if not _tracing():  # a tensor made while tracing may be a fake one
             _MATRICES[key] = matrix
     return matrix
@@ -324,8 +331,26 @@ class ConvExpertMixture(nn.Module):
         self.gate_weight = nn.Parameter(torch.zeros(channels, num_experts))
         self.noise_weight = nn.Parameter(torch.zeros(channels, num_experts))
         self.aux_loss: torch.Tensor | None = None
-        self.last_expert_counts: torch.Tensor | None = None
+        # the last forward's per-expert counts, or the chosen experts to count on first read (last_expert_counts)
+        self._routed: torch.Tensor | None = None
+        self._routed_counted = True
+        # (height, width, dtype, device, experts) -> (weights, their versions and addresses, folded matrices)
+        self._folded_cache: dict[tuple, tuple] = {}
+        self._fold_fits: dict[tuple[int, int], bool] = {}  # grid -> whether its folded rows are small enough
         self.reset_parameters()
+
+    @property
+    def last_expert_counts(self) -> torch.Tensor | None:
+        """How many (sample, slot) pairs the last forward sent to each expert, ``(e,)``; ``None`` before any."""
+        if not self._routed_counted:
+            counts = torch.bincount(self._routed.flatten(), minlength=self.num_experts)
+            self.__dict__.update(_routed=counts, _routed_counted=True)
+        return self._routed
+
+    def _remember(self, aux: torch.Tensor, routed: torch.Tensor, counted: bool) -> None:
+        """Keep the forward's auxiliary loss and routing (plain attributes, set without ``nn.Module``'s checks)."""
+        if not _exporting():  # an exported graph keeps no state
+            self.__dict__.update(aux_loss=aux, _routed=routed.detach(), _routed_counted=counted)
 
     @property
     def num_experts(self) -> int:
@@ -424,12 +449,12 @@ class ConvExpertMixture(nn.Module):
         else:
             taps = rearrange(grid[..., None] * weight.flatten(1), "n h w o t -> n h w (o t)")
         taps = rearrange(taps, "n h w (o a b) -> n o a h (b w)", a=3, b=3)
-        up_w = _matrix(cols.up, ("up", width, *key), z)  # (q, 3 w)
+        up_w = _matrix(("up", width, *key), z, lambda: cols.up)  # (q, 3 w)
         y = rearrange(taps @ up_w.T, "n o a h q -> n o (a h) q")  # (n, r, 3 h, q)
-        up_h = _matrix(rows.up, ("up", height, *key), z)  # (p, 3 h)
+        up_h = _matrix(("up", height, *key), z, lambda: rows.up)  # (p, 3 h)
         y = F.gelu(up_h @ y + bias.view(-1, 1, 1))  # (n, r, p, q): conv outputs where the resize back reads
-        down_h = _matrix(rows.down, ("down", height, *key), z)  # (h, p)
-        down_w = _matrix(cols.down, ("down", width, *key), z)  # (w, q)
+        down_h = _matrix(("down", height, *key), z, lambda: rows.down)  # (h, p)
+        down_w = _matrix(("down", width, *key), z, lambda: cols.down)  # (w, q)
         return down_h @ y @ down_w.T
 
     def uses_dense_routing(self, z: torch.Tensor) -> bool:
@@ -445,6 +470,9 @@ class ConvExpertMixture(nn.Module):
                 f"ConvExpertMixture expects a channels-last grid (b, h, w, {self.channels}), got {tuple(z.shape)}"
             )
         top_indices, combine, aux = self.route(z)
+        if not self.uses_dense_routing(z) and self._folds(*z.shape[1:3]):
+            self._remember(aux, top_indices, counted=False)
+            return self._run_folded(z, top_indices, combine)  # (b, h, w, r)
         features = rearrange(z, "b h w r -> b r h w")
         if self.uses_dense_routing(z):
             # (b, e): each sample's factor per expert, zero for the experts it does not use
@@ -455,9 +483,7 @@ class ConvExpertMixture(nn.Module):
             counts = counts.scatter_add(0, slots, torch.ones_like(slots))
         else:
             out, counts = self._sparse(features, top_indices, combine)
-        if not _exporting():  # an exported graph keeps no state
-            self.aux_loss = aux
-            self.last_expert_counts = counts.detach()
+        self._remember(aux, counts, counted=True)
         return rearrange(out, "b r h w -> b h w r")
 
     def _dense(self, features: torch.Tensor, per_expert: torch.Tensor) -> torch.Tensor:
@@ -500,10 +526,10 @@ class ConvExpertMixture(nn.Module):
         rows = [axis_plan(height, self.scales[e], self.interpolation) for e in experts]
         cols = [axis_plan(width, self.scales[e], self.interpolation) for e in experts]
         key = (tuple(self.scales[e] for e in experts), self.interpolation)
-        up_h = _matrix([p.up for p in rows], ("stack_up", height, *key), z)  # (e, p, 3 h)
-        up_w = _matrix([p.up for p in cols], ("stack_up", width, *key), z)  # (e, q, 3 w)
-        down_h = _matrix([p.down for p in rows], ("stack_down", height, *key), z)  # (e, h, p)
-        down_w = _matrix([p.down for p in cols], ("stack_down", width, *key), z)  # (e, w, q)
+        up_h = _matrix(("stack_up", height, *key), z, lambda: [p.up for p in rows])  # (e, p, 3 h)
+        up_w = _matrix(("stack_up", width, *key), z, lambda: [p.up for p in cols])  # (e, q, 3 w)
+        down_h = _matrix(("stack_down", height, *key), z, lambda: [p.down for p in rows])  # (e, h, p)
+        down_w = _matrix(("stack_down", width, *key), z, lambda: [p.down for p in cols])  # (e, w, q)
         grid = rearrange(z, "n c h w -> n h w c")
         taps = grid @ rearrange(weight, "e o c a b -> c (e o a b)")  # (n, h, w, e r 3 3)
         taps = rearrange(taps, "n h w (e o a b) -> n e o a h (b w)", e=len(experts), a=3, b=3)
@@ -532,21 +558,28 @@ class ConvExpertMixture(nn.Module):
             y = self.run_expert(expert, features)
             return (y * combine.to(y.dtype).view(-1, 1, 1, 1) if self.weighted_combine else y), counts
         limit = GATHER_FROM if torch.is_grad_enabled() else GATHER_FROM + 1
-        plan: list[tuple[list[int], bool]] = []  # (experts, gathered), in the order of their rows
+        grid = rearrange(features, "b r h w -> b h w r")  # gather in the channels-last memory layout
         used = [e for e in range(self.num_experts) if sizes[e]]
         if len(used) > limit and self._one_gathered_stack(*features.shape[-2:]):
-            plan = [(used, True)]  # small grid: every used expert in one chain, smaller matrices zero-padded
-        else:
-            for experts in self._stacks(*features.shape[-2:]):
-                used = [e for e in experts if sizes[e]]
-                plan += [(used, True)] if len(used) > limit else [([e], False) for e in used]
+            # small grid: every used expert in one chain (smaller matrices zero-padded), rows in batch order
+            rows = grid if self.top_k == 1 else grid.repeat_interleave(self.top_k, dim=0)
+            experts = list(range(self.num_experts))  # all of them: one set of padded matrices per grid
+            y = self._run_gathered(experts, rearrange(rows, "n h w r -> n r h w"), slots)  # (b k, r, h, w)
+            if self.weighted_combine:
+                y = y * combine.flatten().to(y.dtype).view(-1, 1, 1, 1)
+            if self.top_k > 1:
+                y = rearrange(y, "(b k) r h w -> b k r h w", k=self.top_k).sum(dim=1)
+            return y, counts
+        plan: list[tuple[list[int], bool]] = []  # (experts, gathered), in the order of their rows
+        for experts in self._stacks(*features.shape[-2:]):
+            used = [e for e in experts if sizes[e]]
+            plan += [(used, True)] if len(used) > limit else [([e], False) for e in used]
         rank = [0] * self.num_experts  # rows sorted by their place in the plan
         for index, (experts, _) in enumerate(plan):
             for expert in experts:
                 rank[expert] = index
         order = torch.argsort(torch.tensor(rank, device=slots.device)[slots], stable=True)
         samples = torch.div(order, self.top_k, rounding_mode="floor")
-        grid = rearrange(features, "b r h w -> b h w r")  # gather in the channels-last memory layout
         grouped = rearrange(grid.index_select(0, samples), "n h w r -> n r h w")  # (b k, r, h, w), in plan order
         outputs, start = [], 0
         for experts, gathered in plan:
@@ -589,14 +622,16 @@ class ConvExpertMixture(nn.Module):
         for place, expert in enumerate(experts):
             local[expert] = place
         place = torch.tensor(local, device=z.device)[row_experts]  # (m,)
+
         # experts with fewer positions than the largest get zero rows in their up-sampling and zero columns in
         # their down-sampling matrices: the padded positions hold gelu(bias) but are never read back
-        rows_up, rows_down = padded_stack(height, scales, self.interpolation)
-        cols_up, cols_down = padded_stack(width, scales, self.interpolation)
-        up_h = _matrix(rows_up, ("gather_up", height, *key), z).index_select(0, place)  # (m, p, 3 h)
-        up_w = _matrix(cols_up, ("gather_up", width, *key), z).index_select(0, place)  # (m, q, 3 w)
-        down_h = _matrix(rows_down, ("gather_down", height, *key), z).index_select(0, place)  # (m, h, p)
-        down_w = _matrix(cols_down, ("gather_down", width, *key), z).index_select(0, place)  # (m, w, q)
+        def stack(size: int, part: int) -> Callable[[], list]:
+            return lambda: padded_stack(size, scales, self.interpolation)[part]
+
+        up_h = _matrix(("gather_up", height, *key), z, stack(height, 0)).index_select(0, place)  # (m, p, 3 h)
+        up_w = _matrix(("gather_up", width, *key), z, stack(width, 0)).index_select(0, place)  # (m, q, 3 w)
+        down_h = _matrix(("gather_down", height, *key), z, stack(height, 1)).index_select(0, place)  # (m, h, p)
+        down_w = _matrix(("gather_down", width, *key), z, stack(width, 1)).index_select(0, place)  # (m, w, q)
         weight = self.expert_weight.index_select(0, row_experts).to(z.dtype)  # (m, o, c, 3, 3)
         bias = self.expert_bias.index_select(0, row_experts).to(z.dtype)  # (m, o)
         channels, q = weight.shape[1], up_w.shape[1]
@@ -610,6 +645,89 @@ class ConvExpertMixture(nn.Module):
         y = torch.bmm(down_h, rearrange(y, "m p o q -> m p (o q)"))  # (m, h, r q)
         y = torch.bmm(rearrange(y, "m h (o q) -> m (h o) q", q=q), down_w.transpose(1, 2))  # (m, h r, w)
         return rearrange(y, "m (h o) w -> m o h w", o=channels)
+
+    def _folds(self, height: int, width: int) -> bool:
+        """Whether the sparse dispatch runs the folded chain: frozen experts (no gradient needed), small grid."""
+        if torch.is_grad_enabled() and (self.expert_weight.requires_grad or self.expert_bias.requires_grad):
+            return False
+        fits = self._fold_fits.get((height, width))
+        if fits is None:
+            rows = max(axis_plan(int(height), s, self.interpolation).positions for s in self.scales)
+            cols = max(axis_plan(int(width), s, self.interpolation).positions for s in self.scales)
+            fits = self._fold_fits[(height, width)] = self.channels * rows * cols <= FOLDED_VALUES
+        return fits
+
+    def _folded(
+        self, height: int, width: int, like: torch.Tensor, experts: tuple[int, ...]
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The matrices of ``experts`` on a ``height x width`` grid, folded and packed: ``((e, values), (p, q))``.
+
+        Per expert, one row holding, in order: ``fold`` ``(w c, 3 o q)`` (the conv's weights times the
+        width-wise up-sampling, so that one product takes the grid to the three row-shifted, width-wise
+        up-sampled conv taps), ``up`` ``(p, h 3)`` (the height-wise up-sampling, its columns in ``(h a)``
+        order to read that product's rows as they lie), the bias repeated over the positions ``(o q,)``,
+        ``down_h`` ``(h, p)`` and ``down_w`` transposed ``(q, w)``. Several experts are zero-padded to the
+        largest one's positions (see :func:`padded_stack`). Computed once per grid and kept until the expert
+        weights change (their version counters), so frozen experts (a merged model, an evaluation) fold once.
+        """
+        key = (height, width, like.dtype, like.device, experts)
+        weight, bias = self.expert_weight, self.expert_bias
+        state = (weight, weight._version, weight.data_ptr(), bias, bias._version, bias.data_ptr())
+        cached = self._folded_cache.get(key)
+        if cached is not None and all(a is b or a == b for a, b in zip(cached[:-1], state, strict=True)):
+            return cached[-1]
+        scales = tuple(self.scales[e] for e in experts)
+        with torch.inference_mode(False), torch.no_grad():
+            rows_up, rows_down = padded_stack(height, scales, self.interpolation)
+            cols_up, cols_down = padded_stack(width, scales, self.interpolation)
+            options = {"dtype": like.dtype, "device": like.device}
+            up_h = torch.tensor(rows_up, **options)  # (e, p, 3 h), columns (a h)
+            up_w = torch.tensor(cols_up, **options)  # (e, q, 3 w), columns (b w)
+            down_h = torch.tensor(rows_down, **options)  # (e, h, p)
+            down_w = torch.tensor(cols_down, **options)  # (e, w, q)
+            q = up_w.shape[1]
+            full = weight[list(experts)].to(**options)  # (e, o, c / groups, 3, 3)
+            if self.groups > 1:  # a depthwise conv is a full conv whose channel mixing is diagonal
+                full = torch.diag_embed(rearrange(full[:, :, 0], "e o a b -> e a b o"))
+                full = rearrange(full, "e a b o c -> e o c a b")
+            fold = torch.einsum("eocab,eqbw->ewcaoq", full, rearrange(up_w, "e q (b w) -> e q b w", b=3))
+            up = rearrange(up_h, "e p (a h) -> e p (h a)", a=3)
+            bias_rows = bias[list(experts)].to(**options)[:, :, None].expand(-1, -1, q)  # (e, o, q)
+            parts = [fold, up, bias_rows, down_h, rearrange(down_w, "e w q -> e q w")]
+            packed = torch.cat([part.reshape(len(experts), -1) for part in parts], dim=1)
+        folded = (packed, (up_h.shape[1], q))
+        self._folded_cache[key] = (*state, folded)
+        return folded
+
+    def _run_folded(self, z: torch.Tensor, top_indices: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+        """Frozen experts on a small channels-last grid ``z`` ``(b, h, w, r)``: every (sample, slot) row reads its
+        own expert's folded matrices (:meth:`_folded`), in the order of the batch: no sort, no scatter back;
+        four batched products and a GELU. A single row runs its expert's matrices unpadded. Returns
+        ``(b, h, w, r)``.
+        """
+        height, width, channels = (int(n) for n in z.shape[1:])
+        rows = top_indices.flatten()  # (b k): the expert of each (sample, slot)
+        m = rows.numel()
+        if m == 1:  # one row: its own expert's matrices, unpadded (reading its index is free on a CPU)
+            mats, (p, q) = self._folded(height, width, z, (int(rows[0]),))
+        else:
+            packed, (p, q) = self._folded(height, width, z, tuple(range(self.num_experts)))
+            mats = packed.index_select(0, rows)  # (m, values)
+        sizes = [width * channels * 3 * channels * q, p * height * 3, channels * q, height * p, q * width]
+        fold, up, bias, down_h, down_w = torch.split(mats, sizes, dim=1)
+        grid = z if self.top_k == 1 else z.repeat_interleave(self.top_k, dim=0)  # (m, h, w, c)
+        y = torch.bmm(grid.reshape(m, height, width * channels), fold.view(m, width * channels, -1))  # (m, h, 3 o q)
+        y = torch.baddbmm(  # (m, p, o q): conv outputs where the resize back reads, before the GELU
+            bias.view(m, 1, channels * q), up.view(m, p, height * 3), y.view(m, height * 3, channels * q)
+        )
+        y = torch.bmm(down_h.view(m, height, p), F.gelu(y))  # (m, h, o q)
+        y = torch.bmm(y.view(m, height * channels, q), down_w.view(m, q, width))  # (m, h o, w)
+        y = y.view(m, height, channels, width).transpose(2, 3)  # (m, h, w, o), a view (einops costs µs here)
+        if self.weighted_combine:
+            y = y * combine.flatten().to(y.dtype).view(-1, 1, 1, 1)
+        if self.top_k > 1:
+            y = rearrange(y, "(b k) h w o -> b k h w o", k=self.top_k).sum(dim=1)
+        return y
 
     def extra_repr(self) -> str:
         conv = "depthwise" if self.groups > 1 else "full"
