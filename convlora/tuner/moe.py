@@ -50,11 +50,10 @@ NOISE_EPSILON = 1e-2
 # (with autograd; one more without it, where no backward pass shares the saving), else a chain each:
 # gathering the matrices costs about one chain's operator calls (measured on a 2-core CPU).
 GATHER_FROM = 1
-# Values per row (r x positions x positions) up to which the sparse dispatch gathers every expert into one chain.
-ONE_STACK_VALUES = 2**12
-# The same bound for the folded chain of frozen experts (inference): it saves nothing for a backward pass, so
-# padding costs only arithmetic, cheaper than operator calls up to convlora-tiny's 16x16 and ViT-B's 14x14 grids.
-FOLDED_VALUES = 2**14
+# Values per row (r x positions x positions) up to which the sparse dispatch runs every expert in one chain,
+# smaller experts zero-padded (convlora-tiny's 8x8 windows and 16x16 grid, ViT-B's 14x14 windows): the padding
+# costs less than the operator calls of separate chains, and the shapes stay the same from batch to batch.
+ONE_STACK_VALUES = 2**14
 # PyTorch's bicubic kernel constant.
 CUBIC_A = -0.75
 
@@ -336,7 +335,7 @@ class ConvExpertMixture(nn.Module):
         self._routed_counted = True
         # (height, width, dtype, device, experts) -> (weights, their versions and addresses, folded matrices)
         self._folded_cache: dict[tuple, tuple] = {}
-        self._fold_fits: dict[tuple[int, int], bool] = {}  # grid -> whether its folded rows are small enough
+        self._one_stack_fits: dict[tuple[int, int], bool] = {}  # grid -> whether every expert fits one padded chain
         self.reset_parameters()
 
     @property
@@ -570,10 +569,12 @@ class ConvExpertMixture(nn.Module):
             if self.top_k > 1:
                 y = rearrange(y, "(b k) r h w -> b k r h w", k=self.top_k).sum(dim=1)
             return y, counts
-        plan: list[tuple[list[int], bool]] = []  # (experts, gathered), in the order of their rows
+        # (used experts, their whole stack for a gathered chain or None), in the order of their rows; a gathered
+        # chain reads the whole stack's matrices (one set per stack and grid, whichever of its experts are used)
+        plan: list[tuple[list[int], list[int] | None]] = []
         for experts in self._stacks(*features.shape[-2:]):
             used = [e for e in experts if sizes[e]]
-            plan += [(used, True)] if len(used) > limit else [([e], False) for e in used]
+            plan += [(used, experts)] if len(used) > limit else [([e], None) for e in used]
         rank = [0] * self.num_experts  # rows sorted by their place in the plan
         for index, (experts, _) in enumerate(plan):
             for expert in experts:
@@ -582,11 +583,11 @@ class ConvExpertMixture(nn.Module):
         samples = torch.div(order, self.top_k, rounding_mode="floor")
         grouped = rearrange(grid.index_select(0, samples), "n h w r -> n r h w")  # (b k, r, h, w), in plan order
         outputs, start = [], 0
-        for experts, gathered in plan:
+        for experts, stack in plan:
             count = sum(sizes[e] for e in experts)
             rows = grouped[start : start + count]
-            if gathered:
-                outputs.append(self._run_gathered(experts, rows, slots[order[start : start + count]]))
+            if stack is not None:
+                outputs.append(self._run_gathered(stack, rows, slots[order[start : start + count]]))
             else:
                 outputs.append(self.run_expert(experts[0], rows))
             start += count
@@ -600,13 +601,20 @@ class ConvExpertMixture(nn.Module):
 
         Each row then carries the largest expert's positions (:data:`ONE_STACK_VALUES` values at most): for
         convlora-tiny's 8x8 windows and 16x16 grid and ViT-B's 14x14 windows the padding costs less than the
-        operator calls of separate chains; ViT-B's 64x64 global grid at 1024 px stacks by matrix shapes.
+        operator calls of separate chains, and every batch has the same shapes (a chain per stack would
+        change shape with the routing, and each new shape costs the kernel libraries a cached plan);
+        ViT-B's 64x64 global grid at 1024 px stacks by matrix shapes.
         """
-        if self.groups > 1:
-            return False
-        rows = max(axis_plan(int(height), s, self.interpolation).positions for s in self.scales)
-        cols = max(axis_plan(int(width), s, self.interpolation).positions for s in self.scales)
-        return self.channels * rows * cols <= ONE_STACK_VALUES
+        return self.groups == 1 and self._fits_one_stack(height, width)
+
+    def _fits_one_stack(self, height: int, width: int) -> bool:
+        """Whether the largest expert's conv outputs on this grid fit :data:`ONE_STACK_VALUES` (cached per grid)."""
+        fits = self._one_stack_fits.get((height, width))
+        if fits is None:
+            rows = max(axis_plan(int(height), s, self.interpolation).positions for s in self.scales)
+            cols = max(axis_plan(int(width), s, self.interpolation).positions for s in self.scales)
+            fits = self._one_stack_fits[(height, width)] = self.channels * rows * cols <= ONE_STACK_VALUES
+        return fits
 
     def _run_gathered(self, experts: list[int], z: torch.Tensor, row_experts: torch.Tensor) -> torch.Tensor:
         """Each row of ``z`` ``(m, r, h, w)`` through its own expert ``row_experts`` ``(m,)`` of the stack ``experts``.
@@ -650,12 +658,7 @@ class ConvExpertMixture(nn.Module):
         """Whether the sparse dispatch runs the folded chain: frozen experts (no gradient needed), small grid."""
         if torch.is_grad_enabled() and (self.expert_weight.requires_grad or self.expert_bias.requires_grad):
             return False
-        fits = self._fold_fits.get((height, width))
-        if fits is None:
-            rows = max(axis_plan(int(height), s, self.interpolation).positions for s in self.scales)
-            cols = max(axis_plan(int(width), s, self.interpolation).positions for s in self.scales)
-            fits = self._fold_fits[(height, width)] = self.channels * rows * cols <= FOLDED_VALUES
-        return fits
+        return self._fits_one_stack(height, width)
 
     def _folded(
         self, height: int, width: int, like: torch.Tensor, experts: tuple[int, ...]
