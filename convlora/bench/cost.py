@@ -168,7 +168,9 @@ def run_cost(
             latency["vs_lora_merged"] = {name: value / seconds["lora_merged"] for name, value in seconds.items()}
             dense = latency.get("dense_routing_seconds", {})
             latency["dense_routing_vs_lora_merged"] = {k: v / seconds["lora_merged"] for k, v in dense.items()}
-        log("  latency: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in seconds.items()))
+        paired = latency.get("paired_ratios_to_lora_merged", {})
+        per_run = f"; conv_lora_merged / lora_merged per run {paired['conv_lora_merged']:.3f}" if paired else ""
+        log("  latency: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in seconds.items()) + per_run)
         for method, row in rows.items():
             row["merged_latency_seconds"] = seconds[MERGED_MODEL[method]]
     keys = [*TRAIN_KEYS, "merged_latency_seconds"] if latency else list(TRAIN_KEYS)

@@ -193,19 +193,21 @@ def cost_markdown(result: dict[str, Any]) -> str:
         lines += [
             "",
             f"Inference latency, batch {latency['batch_size']}, eval mode, no_grad; median of {config['latency_runs']} "
-            f"runs after {config['latency_warmup']} warm-up runs, the five models interleaved run by run. Conv-LoRA's "
+            f"runs after {config['latency_warmup']} warm-up runs, the models interleaved run by run in rotating order "
+            "(per run: the median of each run's ratio to LoRA merged). Conv-LoRA's "
             "gate has random weights so that windows are spread over the experts as a load-balanced trained gate "
             "spreads them (a zero gate would send all of them to the cheapest, scale-1 expert). Full and decoder-only "
             "fine-tuning run the base architecture.",
             "",
-            "| model | latency | vs base | vs LoRA merged | extra params after merge |",
-            "|---|---:|---:|---:|---:|",
+            "| model | latency | vs base | vs LoRA merged | vs LoRA merged, per run | extra params after merge |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         extra = latency.get("merged_extra_parameters", {})
+        paired = latency.get("paired_ratios_to_lora_merged", {})
         for name, seconds in latency["seconds"].items():
             lines.append(
                 f"| {name} | {fmt_seconds(seconds)} | {fmt_ratio(latency['vs_base'][name])} | "
-                f"{fmt_ratio(latency.get('vs_lora_merged', {}).get(name))} | "
+                f"{fmt_ratio(latency.get('vs_lora_merged', {}).get(name))} | {fmt_ratio(paired.get(name))} | "
                 f"{fmt_count(extra[name]) if name in extra else '–'} |"
             )
     for axis, points in result.get("sweeps", {}).items():
@@ -316,7 +318,9 @@ def _cost_summary(results: list[dict[str, Any]]) -> list[str]:
             continue
         conv, ratio = rows["conv_lora"], result["reference"]["ratios_to_lora"]["conv_lora"]
         model = _setting(result, "model")
-        latency = (result.get("latency") or {}).get("vs_lora_merged", {}).get("conv_lora_merged")
+        timing = result.get("latency") or {}
+        # the median of the per-run ratios where measured (robust to load changing between runs)
+        latency = timing.get("paired_ratios_to_lora_merged", timing.get("vs_lora_merged", {})).get("conv_lora_merged")
         lines.append(
             f"| {result['name']} | `{model}`, {conv['image_size']} px, {result['reference']['batch_size']} | "
             f"{fmt_seconds(conv['step_seconds'])} | {fmt_ratio(ratio.get('step_seconds'))} | "

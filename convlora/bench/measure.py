@@ -19,9 +19,9 @@ Three measurements:
   so that the machine's load (a shared CPU) hits them alike; the step-time comparison comes from here.
 - ``latency``: the base model, LoRA and Conv-LoRA merged into it (``merge_and_unload``; Conv-LoRA with
   sparse and with dense routing), and both unmerged, timed side by side in eval mode under ``no_grad``,
-  interleaved run by run so that changes in
-  machine load hit every model alike. Conv-LoRA's gate gets random weights (``init_lora_weights=False``):
-  a zero gate, as at initialisation, sends every window to the cheapest expert (scale 1), which would
+  interleaved run by run (the order rotating) so that changes in machine load hit every model alike;
+  besides the medians, each model's median per-run ratio to LoRA merged. Conv-LoRA's gate gets random
+  weights (``init_lora_weights=False``): a zero gate, as at initialisation, sends every window to the cheapest expert (scale 1), which would
   understate the cost of a trained, load-balanced gate.
 
 >>> result = measure({"task": "train", "model": "random:tiny", "method": "lora", "image_size": 64,
@@ -311,8 +311,11 @@ def measure_latency(spec: dict[str, Any]) -> dict[str, Any]:
         model.to(device).eval()
     pixels, _ = _inputs(int(spec["latency_batch_size"]), size, device)
     times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
     for index in range(int(spec["latency_warmup"]) + int(spec["latency_runs"])):
-        for name, model in models.items():
+        # rotate the order so that no model always runs right after the same neighbour
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            model = models[name]
             _sync(device)
             start = time.perf_counter()
             with _autocast(device, dtype):
@@ -329,6 +332,12 @@ def measure_latency(spec: dict[str, Any]) -> dict[str, Any]:
         # Conv-LoRA merged again, with the dense routing that exports and compiles
         "dense_routing_seconds": {"conv_lora_merged": statistics.median(times[DENSE])},
         "dense_routing_seconds_all": {"conv_lora_merged": times[DENSE]},
+        # the median over runs of each model's time over LoRA merged's in the same run: robust to load that
+        # changes from run to run, which a ratio of medians is not when there are few runs
+        "paired_ratios_to_lora_merged": {
+            name: statistics.median(a / b for a, b in zip(values, times["lora_merged"], strict=True))
+            for name, values in times.items()
+        },
         "merged_extra_parameters": extra,
         "base_parameters": count_parameters(base),
         "device": device.type,
