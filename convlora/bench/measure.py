@@ -21,8 +21,8 @@ Three measurements:
   sparse and with dense routing), and both unmerged, timed side by side in eval mode under ``no_grad``,
   interleaved run by run (the order rotating) so that changes in machine load hit every model alike;
   besides the medians, each model's median per-run ratio to LoRA merged. Conv-LoRA's gate gets random
-  weights (``init_lora_weights=False``): a zero gate, as at initialisation, sends every window to the cheapest expert (scale 1), which would
-  understate the cost of a trained, load-balanced gate.
+  weights (``init_lora_weights=False``): a zero gate, as at initialisation, sends every window to the
+  cheapest expert (scale 1), which would understate the cost of a trained, load-balanced gate.
 
 >>> result = measure({"task": "train", "model": "random:tiny", "method": "lora", "image_size": 64,
 ...                   "batch_size": 1, "warmup_steps": 0, "timed_steps": 1})  # doctest: +SKIP
