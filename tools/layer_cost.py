@@ -6,14 +6,19 @@ to it, next to PEFT's LoRA layer on the same frozen linear layer (same rank and 
 turn so that the load of a shared machine hits both alike. Shapes are those of SAM ViT-B at 1024 px:
 the windowed layers see 25 windows of 14 x 14 tokens, the global ones one 64 x 64 grid, 768 wide.
 Writes ``benchmarks/results/layer_cost.json`` (median ratio per expert and shape, every round, the machine).
+With ``--merged``, the layers after ``merge_and_unload`` instead (LoRA folded into a plain ``nn.Linear``,
+Conv-LoRA's folded linear part plus its frozen side branch), forward only under ``no_grad``, as deployed:
+``benchmarks/results/layer_cost_merged.json``.
 
     python tools/layer_cost.py                           # 2 threads, 15 rounds per expert
+    python tools/layer_cost.py --merged --rounds 30      # merged layers, inference
     python tools/layer_cost.py --rounds 5 --output /tmp/layer_cost.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -28,6 +33,7 @@ from convlora._io import write_json
 from convlora.bench.environment import git_commit, load_average, machine, set_threads, versions
 from convlora.tuner.config import ConvLoraConfig
 from convlora.tuner.layer import ConvLoraLinear
+from convlora.tuner.moe import ConvExpertMixture
 
 SHAPES = {"windowed (25 windows of 14x14)": (25, 14, 14, 768), "global (64x64)": (1, 64, 64, 768)}
 
@@ -49,9 +55,24 @@ def layers(width: int, rank: int, alpha: int) -> tuple[nn.Module, ConvLoraLinear
     return lora, conv
 
 
-def force_expert(layer: ConvLoraLinear, expert: int) -> None:
+def merged_layers(lora: nn.Module, conv: ConvLoraLinear) -> tuple[nn.Module, nn.Module]:
+    """Both layers as ``merge_and_unload`` leaves them: a plain ``nn.Linear``, a ``ConvLoraMergedLinear``."""
+    lora_merged = copy.deepcopy(lora)
+    lora_merged.merge()
+    plain = nn.Linear(lora_merged.in_features, lora_merged.out_features)
+    plain.load_state_dict(lora_merged.get_base_layer().state_dict())
+    merged = copy.deepcopy(conv).unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
+    return plain.eval(), merged.eval()
+
+
+def mixture_of(layer: nn.Module) -> ConvExpertMixture:
+    """The expert mixture of a Conv-LoRA layer, adapter or merged."""
+    return next(m for m in layer.modules() if isinstance(m, ConvExpertMixture))
+
+
+def force_expert(layer: nn.Module, expert: int) -> None:
     """Route every sample of ``layer``'s mixture to ``expert`` (the gate's other work is kept)."""
-    mixture = layer.conv_lora_experts["default"]
+    mixture = mixture_of(layer)
     route = type(mixture).route
 
     def forced(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,24 +89,35 @@ def step_seconds(layer: nn.Module, x: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def measure(rounds: int, warmup: int, rank: int, alpha: int) -> dict[str, Any]:
+def forward_seconds(layer: nn.Module, x: torch.Tensor) -> float:
+    """Wall time of one forward through ``layer`` under ``no_grad``."""
+    with torch.no_grad():
+        start = time.perf_counter()
+        layer(x)
+        return time.perf_counter() - start
+
+
+def measure(rounds: int, warmup: int, rank: int, alpha: int, merged: bool = False) -> dict[str, Any]:
     """Per shape and forced expert: the median Conv-LoRA / LoRA time ratio over interleaved rounds."""
     results: dict[str, Any] = {}
+    timed = forward_seconds if merged else step_seconds
     for name, shape in SHAPES.items():
         lora, conv = layers(shape[-1], rank, alpha)
-        x = torch.randn(shape, requires_grad=True)
+        if merged:
+            lora, conv = merged_layers(lora, conv)
+        x = torch.randn(shape, requires_grad=not merged)
         per_expert = {}
-        for expert in range(conv.conv_lora_experts["default"].num_experts):
+        for expert in range(mixture_of(conv).num_experts):
             force_expert(conv, expert)
             times: dict[str, list[float]] = {"lora": [], "conv_lora": []}
             for index in range(warmup + rounds):
                 order = [("lora", lora), ("conv_lora", conv)][:: 1 if index % 2 else -1]
                 for key, layer in order:
-                    elapsed = step_seconds(layer, x)
+                    elapsed = timed(layer, x)
                     if index >= warmup:
                         times[key].append(elapsed)
             ratios = [c / lo for c, lo in zip(times["conv_lora"], times["lora"], strict=True)]
-            scale = conv.conv_lora_experts["default"].scales[expert]
+            scale = mixture_of(conv).scales[expert]
             per_expert[f"expert {expert} (scale {scale:g})"] = {
                 "ratio_median": statistics.median(ratios),
                 "lora_seconds_median": statistics.median(times["lora"]),
@@ -102,15 +134,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per expert and shape")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--output", default="benchmarks/results/layer_cost.json", help="where the JSON goes")
+    parser.add_argument("--merged", action="store_true", help="merged layers, forward under no_grad")
+    parser.add_argument("--output", help="where the JSON goes (default: benchmarks/results/layer_cost[_merged].json)")
     args = parser.parse_args(argv)
+    output = args.output or f"benchmarks/results/layer_cost{'_merged' if args.merged else ''}.json"
     set_threads(args.threads)
     before = load_average()
     started = time.time()
-    results = measure(args.rounds, args.warmup, rank=3, alpha=32)
+    results = measure(args.rounds, args.warmup, rank=3, alpha=32, merged=args.merged)
+    what = "forward under no_grad of one merged" if args.merged else "forward + backward of one"
     record = {
         "command": "python tools/layer_cost.py " + " ".join(argv),
-        "what": "forward + backward of one qkv layer (768 -> 2304), r=3, alpha=32, every sample forced to one expert",
+        "what": f"{what} qkv layer (768 -> 2304), r=3, alpha=32, every sample forced to one expert",
         "results": results,
         "machine": machine(),
         "versions": versions(),
@@ -120,8 +155,8 @@ def main(argv: list[str]) -> int:
         "load_before": before,
         "load_after": load_average(),
     }
-    write_json(Path(args.output), record)
-    print(f"wrote {args.output}")
+    write_json(Path(output), record)
+    print(f"wrote {output}")
     return 0
 
 
