@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,13 @@ def test_cost_ratios_to_lora_are_the_absolute_values_divided(smoke):
     assert rows["conv_lora"]["merged_latency_seconds"] == latency["conv_lora_merged"]
     assert result["latency"]["merged_extra_parameters"]["lora_merged"] == 0
     assert result["latency"]["merged_extra_parameters"]["conv_lora_merged"] > 0
+    # per-run ratios: each model's runs over LoRA merged's runs, paired run by run
+    runs, paired = result["latency"]["seconds_all"], result["latency"]["paired_ratios_to_lora_merged"]
+    assert paired["lora_merged"] == 1.0
+    ratios = [a / b for a, b in zip(runs["conv_lora_merged"], runs["lora_merged"], strict=True)]
+    assert paired["conv_lora_merged"] == pytest.approx(statistics.median(ratios))
+    for row in rows.values():  # the library code paged in is counted apart from the peak (Linux reports it)
+        assert row["code_pages_bytes"] is None or 0 <= row["code_pages_bytes"] < 200 * 2**20
     point = result["sweeps"]["batch_size"][0]
     assert point["batch_size"] == 1 and point["methods"]["conv_lora"]["batch_size"] == 1
 
