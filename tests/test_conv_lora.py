@@ -220,6 +220,9 @@ def test_merge_and_unload_matches_the_adapter_model(case, make_sam, images):
     assert (found - expected).abs().max() <= 1e-5
     # without no_grad the side branches' up-projections add out of place: the same masks
     assert (merged(pixel_values=images, multimask_output=False).pred_masks - found).abs().max() <= 1e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision takes the out-of-place path too
+        low = masks(merged, images)
+    assert (low.float() - found).abs().max() < 0.1 * found.abs().max()
     layers = [m for m in merged.modules() if isinstance(m, ConvLoraMergedLinear)]
     config = config_for(case)
     assert len(layers) == len(expected_targets(config))
