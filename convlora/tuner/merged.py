@@ -144,23 +144,12 @@ class ConvLoraMergedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The folded linear layer plus every side branch."""
-        same_dtype = all(b.up.weight.dtype == self.weight.dtype == x.dtype for b in self.side_branches.values())
-        eager_inference = not (torch.is_grad_enabled() or _tracing() or torch.is_autocast_enabled(x.device.type))
-        if not (eager_inference and same_dtype and self.side_branches):
-            result = super().forward(x)
-            for branch in self.side_branches.values():
-                result = result + branch(x).to(result.dtype)
-            return result
-        # eager inference: the branches' up-projections (and the bias) first, then the folded product adds into
-        # them inside the matrix product, so the output is written once, as a plain Linear writes it
-        result = None
+        result = super().forward(x)
         for branch in self.side_branches.values():
-            bottleneck = branch.bottleneck(x)
-            flat = bottleneck.reshape(-1, bottleneck.shape[-1])
-            if result is None:
-                bias = self.bias if self.bias is not None else flat.new_zeros(self.out_features)
-                result = torch.addmm(bias, flat, branch.up.weight.t())
-            else:
-                result.addmm_(flat, branch.up.weight.t())
-        result.addmm_(x.reshape(-1, self.in_features), self.weight.t())
-        return result.view(*x.shape[:-1], self.out_features)
+            if torch.is_grad_enabled() or _tracing() or branch.up.weight.dtype != result.dtype:
+                result = result + branch(x).to(result.dtype)
+            else:  # eager inference: the up-projection adds into the result in place, one pass over it fewer
+                bottleneck = branch.bottleneck(x)
+                flat = result.view(-1, result.shape[-1])
+                flat.addmm_(bottleneck.reshape(-1, bottleneck.shape[-1]), branch.up.weight.t())
+        return result
