@@ -147,6 +147,9 @@ def test_folded_matrices_follow_the_expert_weights_when_they_change():
         moe.load_state_dict(mixture({}, "sparse", seed=1).state_dict())  # loaded weights
         loaded = moe(z)
         assert torch.allclose(loaded, mixture({}, "sparse", seed=1).eval()(z), atol=1e-5)
+        moe.load_state_dict(mixture({}, "sparse", seed=2).state_dict(), assign=True)  # new parameter objects
+        assert torch.allclose(moe(z), mixture({}, "sparse", seed=2).eval()(z), atol=1e-5)
+        moe.load_state_dict(mixture({}, "sparse", seed=1).state_dict())
     with torch.inference_mode():
         assert torch.allclose(moe(z), loaded, atol=1e-6)
     doubled = moe.double()  # another dtype folds anew

@@ -333,7 +333,7 @@ class ConvExpertMixture(nn.Module):
         # the last forward's per-expert counts, or the chosen experts to count on first read (last_expert_counts)
         self._routed: torch.Tensor | None = None
         self._routed_counted = True
-        # (height, width, dtype, device, experts) -> (weights, their versions and addresses, folded matrices)
+        # (height, width, dtype, device, experts) -> (weight, bias, their versions and addresses, folded matrices)
         self._folded_cache: dict[tuple, tuple] = {}
         self._one_stack_fits: dict[tuple[int, int], bool] = {}  # grid -> whether every expert fits one padded chain
         self.reset_parameters()
@@ -675,10 +675,11 @@ class ConvExpertMixture(nn.Module):
         """
         key = (height, width, like.dtype, like.device, experts)
         weight, bias = self.expert_weight, self.expert_bias
-        state = (weight, weight._version, weight.data_ptr(), bias, bias._version, bias.data_ptr())
+        versions = (weight._version, weight.data_ptr(), bias._version, bias.data_ptr())
         cached = self._folded_cache.get(key)
-        if cached is not None and all(a is b or a == b for a, b in zip(cached[:-1], state, strict=True)):
-            return cached[-1]
+        # the same tensors (a replaced parameter is another object), unchanged since (in-place writes bump versions)
+        if cached is not None and cached[0] is weight and cached[1] is bias and cached[2] == versions:
+            return cached[3]
         scales = tuple(self.scales[e] for e in experts)
         with torch.inference_mode(False), torch.no_grad():
             rows_up, rows_down = padded_stack(height, scales, self.interpolation)
@@ -699,7 +700,7 @@ class ConvExpertMixture(nn.Module):
             parts = [fold, up, bias_rows, down_h, rearrange(down_w, "e w q -> e q w")]
             packed = torch.cat([part.reshape(len(experts), -1) for part in parts], dim=1)
         folded = (packed, (up_h.shape[1], q))
-        self._folded_cache[key] = (*state, folded)
+        self._folded_cache[key] = (weight, bias, versions, folded)
         return folded
 
     def _run_folded(self, z: torch.Tensor, top_indices: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
