@@ -216,6 +216,11 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _rotated(names: list[str], index: int) -> list[str]:
+    """``names`` rotated by ``index``: round after round, no one always runs right after the same neighbour."""
+    return names[index % len(names) :] + names[: index % len(names)]
+
+
 def _quartiles(values: list[float]) -> list[float]:
     if len(values) < 2:
         return [values[0], values[0]] if values else []
@@ -241,8 +246,7 @@ def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
     times: dict[str, list[float]] = {method: [] for method in methods}
     warmup = int(spec["warmup_steps"])
     for index in range(warmup + int(spec["timed_steps"])):
-        # rotate the order so that no method always runs right after the same neighbour
-        for method in methods[index % len(methods) :] + methods[: index % len(methods)]:
+        for method in _rotated(methods, index):
             elapsed = runs[method]["step"]()
             if index >= warmup:
                 times[method].append(elapsed)
@@ -311,10 +315,8 @@ def measure_latency(spec: dict[str, Any]) -> dict[str, Any]:
         model.to(device).eval()
     pixels, _ = _inputs(int(spec["latency_batch_size"]), size, device)
     times: dict[str, list[float]] = {name: [] for name in models}
-    names = list(models)
     for index in range(int(spec["latency_warmup"]) + int(spec["latency_runs"])):
-        # rotate the order so that no model always runs right after the same neighbour
-        for name in names[index % len(names) :] + names[: index % len(names)]:
+        for name in _rotated(list(models), index):
             model = models[name]
             _sync(device)
             start = time.perf_counter()

@@ -469,11 +469,12 @@ class ConvExpertMixture(nn.Module):
                 f"ConvExpertMixture expects a channels-last grid (b, h, w, {self.channels}), got {tuple(z.shape)}"
             )
         top_indices, combine, aux = self.route(z)
-        if not self.uses_dense_routing(z) and self._folds(*z.shape[1:3]):
+        dense = self.uses_dense_routing(z)
+        if not dense and self._folds(*z.shape[1:3]):
             self._remember(aux, top_indices, counted=False)
             return self._run_folded(z, top_indices, combine)  # (b, h, w, r)
         features = rearrange(z, "b h w r -> b r h w")
-        if self.uses_dense_routing(z):
+        if dense:
             # (b, e): each sample's factor per expert, zero for the experts it does not use
             per_expert = torch.zeros(z.shape[0], self.num_experts, device=z.device, dtype=combine.dtype)
             out = self._dense(features, per_expert.scatter_add(1, top_indices, combine))
@@ -554,8 +555,7 @@ class ConvExpertMixture(nn.Module):
         sizes = counts.tolist()  # the one host sync
         if self.top_k == 1 and max(sizes) == len(slots):  # one expert for the whole batch: no gather
             expert = sizes.index(len(slots))
-            y = self.run_expert(expert, features)
-            return (y * combine.to(y.dtype).view(-1, 1, 1, 1) if self.weighted_combine else y), counts
+            return self._merge_slots(self.run_expert(expert, features), combine), counts
         limit = GATHER_FROM if torch.is_grad_enabled() else GATHER_FROM + 1
         grid = rearrange(features, "b r h w -> b h w r")  # gather in the channels-last memory layout
         used = [e for e in range(self.num_experts) if sizes[e]]
@@ -564,11 +564,7 @@ class ConvExpertMixture(nn.Module):
             rows = grid if self.top_k == 1 else grid.repeat_interleave(self.top_k, dim=0)
             experts = list(range(self.num_experts))  # all of them: one set of padded matrices per grid
             y = self._run_gathered(experts, rearrange(rows, "n h w r -> n r h w"), slots)  # (b k, r, h, w)
-            if self.weighted_combine:
-                y = y * combine.flatten().to(y.dtype).view(-1, 1, 1, 1)
-            if self.top_k > 1:
-                y = rearrange(y, "(b k) r h w -> b k r h w", k=self.top_k).sum(dim=1)
-            return y, counts
+            return self._merge_slots(y, combine), counts
         # (used experts, their whole stack for a gathered chain or None), in the order of their rows; a gathered
         # chain reads the whole stack's matrices (one set per stack and grid, whichever of its experts are used)
         plan: list[tuple[list[int], list[int] | None]] = []
@@ -727,10 +723,15 @@ class ConvExpertMixture(nn.Module):
         y = torch.bmm(down_h.view(m, height, p), F.gelu(y))  # (m, h, o q)
         y = torch.bmm(y.view(m, height * channels, q), down_w.view(m, q, width))  # (m, h o, w)
         y = y.view(m, height, channels, width).transpose(2, 3)  # (m, h, w, o), a view (einops costs µs here)
+        return self._merge_slots(y, combine)
+
+    def _merge_slots(self, y: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+        """Rows ``(b k, ...)`` in batch order to ``(b, ...)``: each slot scaled by its factor when the combine
+        is weighted (every factor is 1 otherwise), the top-k slots of a sample summed."""
         if self.weighted_combine:
-            y = y * combine.flatten().to(y.dtype).view(-1, 1, 1, 1)
+            y = y * combine.flatten().to(y.dtype).view(-1, *[1] * (y.dim() - 1))
         if self.top_k > 1:
-            y = rearrange(y, "(b k) h w o -> b k h w o", k=self.top_k).sum(dim=1)
+            y = rearrange(y, "(b k) ... -> b k ...", k=self.top_k).sum(dim=1)
         return y
 
     def extra_repr(self) -> str:
