@@ -93,7 +93,6 @@ class Segmenter:
         return family_of(self.model).input_format
 
     def _pixels(self, image: ImageInput) -> np.ndarray:
-
         if isinstance(image, (str, Path)):
             return read_image(image, self.task.image_reading)
         pixels = np.asarray(image)
@@ -484,7 +483,6 @@ def predict_folder(
 
 
 def _sizes(names: dict[str, Path]) -> dict[str, tuple[int, int]]:
-
     cache: dict[Path, tuple[int, int]] = {}
     sizes = {}
     for name, path in names.items():
