@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from convlora.bench import experiment_from_dict, main
-from convlora.bench.cost import ratios
+from convlora.bench.cost import ALLOCATOR, ratios, run_isolated
 from convlora.bench.quality import mean_std
 
 pytestmark = pytest.mark.slow
@@ -104,6 +104,33 @@ def test_cost_ratios_to_lora_are_the_absolute_values_divided(smoke):
         assert row["code_pages_bytes"] is None or 0 <= row["code_pages_bytes"] < 200 * 2**20
     point = result["sweeps"]["batch_size"][0]
     assert point["batch_size"] == 1 and point["methods"]["conv_lora"]["batch_size"] == 1
+    # memory is measured under the fixed mmap threshold, timings with freed memory kept; both recorded
+    assert {row["allocator"]["kind"] for row in rows.values()} == {"memory"}
+    assert result["reference"]["interleaved_timing"]["allocator"]["kind"] == "timing"
+    assert result["latency"]["allocator"] == {"kind": "timing", **ALLOCATOR["timing"]}
+    faults = result["latency"]["page_faults_per_run"]
+    assert set(faults) == {*latency, "conv_lora_merged_dense"} and all(n is None or n >= 0 for n in faults.values())
+
+
+def test_each_measurement_process_gets_its_tasks_allocator_and_not_the_callers(monkeypatch):
+    import subprocess
+
+    seen = {}
+
+    def fake_run(command, env, **kwargs):
+        seen[json.loads(Path(command[-2]).read_text())["task"]] = env
+        Path(command[-1]).write_text(json.dumps({"measured": True}))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "1")
+    for task in ("train", "interleaved", "latency"):
+        result = run_isolated({"task": task}, threads=3)
+        kind = "memory" if task == "train" else "timing"
+        assert result == {"measured": True, "allocator": {"kind": kind, **ALLOCATOR[kind]}}
+        malloc = {key: value for key, value in seen[task].items() if key.startswith("MALLOC_")}
+        assert malloc == ALLOCATOR[kind] and seen[task]["OMP_NUM_THREADS"] == "3"
+    assert seen["latency"]["MALLOC_MMAP_MAX_"] == "0" and "MALLOC_MMAP_MAX_" not in seen["train"]
 
 
 def test_report_writes_tables_and_plots_from_the_json_alone(smoke):

@@ -34,20 +34,43 @@ TRAIN_KEYS = ("trainable_parameters", "adapter_parameters", "artifact_bytes", "s
 MERGED_MODEL = {"full": "base", "decoder": "base", "lora": "lora_merged", "conv_lora": "conv_lora_merged"}
 
 
+# glibc malloc settings of each measurement's process, by what it measures (other C libraries ignore them).
+# "memory" (the ``train`` task's peak): a fixed mmap threshold, so that freed large blocks leave the resident
+# set and the peak follows the memory in use (two runs of one measurement differed by 15 % without it, by under
+# 1 % with it). "timing" (``interleaved`` and ``latency``): freed memory stays in the process for reuse, as
+# jemalloc and tcmalloc keep it. Under the fixed threshold every block over 64 KiB came fresh from the kernel,
+# zeroed page by page on first touch: 2.9 million page faults per ViT-B forward at 1024 px, half its time, whose
+# run-to-run spread (±10 %) hid the differences between the methods.
+ALLOCATOR = {
+    "memory": {"MALLOC_MMAP_THRESHOLD_": "65536"},
+    "timing": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**46)},
+}
+
+
+def allocator_of(task: str) -> str:
+    """Which of :data:`ALLOCATOR`'s settings a measurement task runs under.
+
+    >>> allocator_of("train"), allocator_of("latency")
+    ('memory', 'timing')
+    """
+    return "memory" if task == "train" else "timing"
+
+
 def run_isolated(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     """Run ``convlora.bench.measure`` on ``spec`` in a fresh Python process with ``threads`` threads.
+
+    The process gets the allocator settings of its task (:data:`ALLOCATOR`, recorded in the result as
+    ``allocator``); ``MALLOC_*`` variables of the calling environment are not passed on.
 
     Raises:
         RuntimeError: with the end of the child's error output when the measurement fails.
     """
+    allocator = allocator_of(spec["task"])
     with tempfile.TemporaryDirectory(prefix="convlora-bench-") as tmp:
         spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         write_json(spec_file, {**spec, "threads": threads})
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        # A fixed mmap threshold stops glibc from keeping freed large blocks in its heap (its default threshold
-        # grows at run time), so that the resident-set peak follows the memory in use: without it two runs of
-        # the same measurement differed by 15 %, with it by under 1 %.
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+        env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+        env.update(ALLOCATOR[allocator], OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         done = subprocess.run(
             [sys.executable, "-m", "convlora.bench.measure", str(spec_file), str(out_file)],
             env=env,
@@ -57,12 +80,15 @@ def run_isolated(spec: dict[str, Any], threads: int) -> dict[str, Any]:
         if done.returncode != 0 or not out_file.is_file():
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
             raise RuntimeError(f"measurement {spec} failed (exit {done.returncode}):\n{tail}")
-        return json.loads(out_file.read_text())
+        return {**json.loads(out_file.read_text()), "allocator": {"kind": allocator, **ALLOCATOR[allocator]}}
 
 
 def cached(spec: dict[str, Any], threads: int, cache_dir: Path, fresh: bool) -> dict[str, Any]:
-    """A measurement from ``cache_dir`` when the same spec was measured before, else a new one (saved)."""
-    key = hashlib.sha256(json.dumps({**spec, "threads": threads}, sort_keys=True).encode()).hexdigest()[:12]
+    """A measurement from ``cache_dir`` when the same spec was measured before (under the same allocator
+    settings), else a new one (saved)."""
+    allocator = ALLOCATOR[allocator_of(spec["task"])]
+    key = json.dumps({**spec, "threads": threads, "allocator": allocator}, sort_keys=True)
+    key = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = cache_dir / f"{spec['task']}-{spec.get('method', 'all')}-s{spec.get('image_size')}-{key}.json"
     if path.is_file() and not fresh:
         return json.loads(path.read_text())
@@ -146,7 +172,7 @@ def run_cost(
         per_round = f"; conv_lora / lora per round {paired['conv_lora']:.3f}" if "conv_lora" in paired else ""
         log(f"  interleaved: {steps}{per_round}")
         return {"paired_step_ratios_to_lora": paired, "load_before": result["load_before"],
-                "load_after": result["load_after"]}  # fmt: skip
+                "load_after": result["load_after"], "allocator": result.get("allocator")}  # fmt: skip
 
     log(f"{experiment.name}: reference point")
     rows = {m: train_point(m, experiment.image_size, experiment.batch_size) for m in experiment.methods}

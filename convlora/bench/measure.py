@@ -6,8 +6,9 @@ imports, less the library code paged in meanwhile (the growth of ``RssFile``: th
 torch kernel maps its machine code, some 30 MiB over a first training step, more for a method that calls
 more kinds of kernels), so it counts the model, gradients, optimiser state and activations, but not the
 Python and library baseline; ``run_isolated`` fixes glibc's mmap threshold so that freed blocks leave
-the resident set. The code pages are reported beside it (``code_pages_bytes``). On CUDA it is
-``torch.cuda.max_memory_allocated`` after a reset.
+the resident set (the timing tasks instead keep freed memory for reuse: see ``convlora.bench.cost.ALLOCATOR``;
+every timing records the page faults it took). The code pages are reported beside it (``code_pages_bytes``).
+On CUDA it is ``torch.cuda.max_memory_allocated`` after a reset.
 
 Three measurements:
 
@@ -98,6 +99,24 @@ def _peak_rss_bytes() -> int | None:
         return None
 
 
+def _page_faults() -> int | None:
+    """Minor page faults of this process so far (memory first touched, zeroed by the kernel); ``None`` off Unix."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _faults_between(before: int | None) -> int | None:
+    after = _page_faults()
+    return after - before if after is not None and before is not None else None
+
+
+def _median_or_none(values: list[int | None]) -> float | None:
+    return statistics.median(values) if values and None not in values else None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -138,8 +157,11 @@ def _training_run(spec: dict[str, Any], method: str, device: torch.device, dtype
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-4)
     pixels, labels = _inputs(int(spec["batch_size"]), size, device)
 
+    faults: list[int | None] = []
+
     def timed_step() -> float:
         _sync(device)
+        before = _page_faults()
         start = time.perf_counter()
         with _autocast(device, dtype):
             loss = step(pixels, labels)["loss"]
@@ -149,11 +171,12 @@ def _training_run(spec: dict[str, Any], method: str, device: torch.device, dtype
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
         elapsed = time.perf_counter() - start
+        faults.append(_faults_between(before))
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss {float(loss)} while timing {method}")
         return elapsed
 
-    return {"model": model, "task": task, "trainable": trainable, "size": size, "step": timed_step}
+    return {"model": model, "task": task, "trainable": trainable, "size": size, "step": timed_step, "faults": faults}
 
 
 def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
@@ -205,6 +228,7 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
         "artifact_bytes": artifact_bytes,
         "step_seconds": statistics.median(times),
         "step_seconds_all": times,
+        "page_faults_per_step": _median_or_none(run["faults"][int(spec["warmup_steps"]) :]),
         "peak_memory_bytes": peak,
         "code_pages_bytes": code,
         "memory_source": memory_source,
@@ -265,6 +289,7 @@ def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
                 "step_seconds": statistics.median(values),
                 "step_seconds_quartiles": _quartiles(values),
                 "step_seconds_all": values,
+                "page_faults_per_step": _median_or_none(runs[method]["faults"][warmup:]),
             }
             for method, values in times.items()
         },
@@ -315,16 +340,19 @@ def measure_latency(spec: dict[str, Any]) -> dict[str, Any]:
         model.to(device).eval()
     pixels, _ = _inputs(int(spec["latency_batch_size"]), size, device)
     times: dict[str, list[float]] = {name: [] for name in models}
+    faults: dict[str, list[int | None]] = {name: [] for name in models}
     for index in range(int(spec["latency_warmup"]) + int(spec["latency_runs"])):
         for name in _rotated(list(models), index):
             model = models[name]
             _sync(device)
+            before = _page_faults()
             start = time.perf_counter()
             with _autocast(device, dtype):
                 segmentation_logits(model, pixels)
             _sync(device)
             if index >= int(spec["latency_warmup"]):
                 times[name].append(time.perf_counter() - start)
+                faults[name].append(_faults_between(before))
     return {
         "task": "latency",
         "image_size": size,
@@ -340,6 +368,7 @@ def measure_latency(spec: dict[str, Any]) -> dict[str, Any]:
             name: statistics.median(a / b for a, b in zip(values, times["lora_merged"], strict=True))
             for name, values in times.items()
         },
+        "page_faults_per_run": {name: _median_or_none(values) for name, values in faults.items()},
         "merged_extra_parameters": extra,
         "base_parameters": count_parameters(base),
         "device": device.type,
