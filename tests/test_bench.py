@@ -131,6 +131,10 @@ def test_each_measurement_process_gets_its_tasks_allocator_and_not_the_callers(m
         malloc = {key: value for key, value in seen[task].items() if key.startswith("MALLOC_")}
         assert malloc == ALLOCATOR[kind] and seen[task]["OMP_NUM_THREADS"] == "3"
     assert seen["latency"]["MALLOC_MMAP_MAX_"] == "0" and "MALLOC_MMAP_MAX_" not in seen["train"]
+    run_isolated({"task": "latency"}, threads=1, allocator="system")  # glibc's defaults: no MALLOC_* at all
+    assert not [key for key in seen["latency"] if key.startswith("MALLOC_")]
+    with pytest.raises(ValueError, match="allocator must be one of"):
+        run_isolated({"task": "latency"}, threads=1, allocator="jemalloc")
 
 
 def test_report_writes_tables_and_plots_from_the_json_alone(smoke):

@@ -41,9 +41,11 @@ MERGED_MODEL = {"full": "base", "decoder": "base", "lora": "lora_merged", "conv_
 # jemalloc and tcmalloc keep it. Under the fixed threshold every block over 64 KiB came fresh from the kernel,
 # zeroed page by page on first touch: 2.9 million page faults per ViT-B forward at 1024 px, half its time, whose
 # run-to-run spread (±10 %) hid the differences between the methods.
+# "system" (glibc's own defaults, as a user's process runs) is there for ``tools/allocator_cost.py``.
 ALLOCATOR = {
     "memory": {"MALLOC_MMAP_THRESHOLD_": "65536"},
     "timing": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**46)},
+    "system": {},
 }
 
 
@@ -56,16 +58,19 @@ def allocator_of(task: str) -> str:
     return "memory" if task == "train" else "timing"
 
 
-def run_isolated(spec: dict[str, Any], threads: int) -> dict[str, Any]:
+def run_isolated(spec: dict[str, Any], threads: int, allocator: str | None = None) -> dict[str, Any]:
     """Run ``convlora.bench.measure`` on ``spec`` in a fresh Python process with ``threads`` threads.
 
-    The process gets the allocator settings of its task (:data:`ALLOCATOR`, recorded in the result as
-    ``allocator``); ``MALLOC_*`` variables of the calling environment are not passed on.
+    The process gets the allocator settings of its task (:data:`ALLOCATOR`; ``allocator`` names others),
+    recorded in the result as ``allocator``; ``MALLOC_*`` variables of the calling environment are not
+    passed on.
 
     Raises:
         RuntimeError: with the end of the child's error output when the measurement fails.
     """
-    allocator = allocator_of(spec["task"])
+    allocator = allocator or allocator_of(spec["task"])
+    if allocator not in ALLOCATOR:
+        raise ValueError(f"allocator must be one of {sorted(ALLOCATOR)}, got {allocator!r}")
     with tempfile.TemporaryDirectory(prefix="convlora-bench-") as tmp:
         spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         write_json(spec_file, {**spec, "threads": threads})
