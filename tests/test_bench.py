@@ -228,3 +228,39 @@ def test_project_readme_shows_the_summary_of_the_committed_results():
     summary = summary_markdown(results)
     readme = (CONFIGS.parents[1] / "README.md").read_text()
     assert f"{SUMMARY_START}\n{summary}{SUMMARY_END}" in readme, "run `convlora benchmark report --readme README.md`"
+
+
+def test_gpu_cost_script_rehearses_on_cpu(tmp_path):
+    """tools/gpu_cost.py (the script for a lent GPU) runs end to end on the CPU at a tiny size.
+
+    Invariants: every variant and batch size is there, sparse and dense routing train the same tensors and
+    give the same first loss (same seed, weights and data), LoRA's ratios to itself are 1, full fine-tuning
+    trains more tensors than the adapters, and no GPU memory is claimed on the CPU.
+    """
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "gpu_cost.py"
+    module_spec = importlib.util.spec_from_file_location("gpu_cost", path)
+    gpu_cost = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(gpu_cost)
+    out = tmp_path / "gpu.json"
+    args = ["--device", "cpu", "--model", "random:convlora-tiny", "--image-size", "64", "--batch-sizes", "1", "2",
+            "--warmup", "0", "--steps", "1", "--latency-runs", "1", "--threads", "1", "--output", str(out)]  # fmt: skip
+    assert gpu_cost.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["environment"]["device"] == "cpu" and result["environment"]["gpu"] is None
+    assert set(result["batch_sizes"]) == {"1", "2"}
+    for batch in result["batch_sizes"].values():
+        rows = batch["training"]
+        assert set(rows) == set(gpu_cost.VARIANTS)
+        sparse, dense = rows["conv_lora_sparse"], rows["conv_lora_dense"]
+        assert (sparse["routing"], dense["routing"]) == ("sparse", "dense")
+        assert sparse["trainable_parameters"] == dense["trainable_parameters"] > rows["lora"]["trainable_parameters"]
+        assert rows["full"]["trainable_parameters"] > sparse["trainable_parameters"]
+        assert math.isclose(sparse["first_loss"], dense["first_loss"], rel_tol=1e-5)
+        assert all(row["step_seconds"] > 0 and row["peak_memory_bytes"] is None for row in rows.values())
+        assert batch["ratios_to_lora"]["lora"] == {"step_seconds": 1.0, "peak_memory_bytes": None}
+        assert {"lora_merged", "conv_lora_merged"} <= set(batch["latency"]["seconds"])
+    with pytest.raises(SystemExit):
+        gpu_cost.main(["--steps", "0", "--output", str(tmp_path / "never.json")])
+    assert not (tmp_path / "never.json").exists()

@@ -138,8 +138,17 @@ def _directory_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and p.name != "README.md")
 
 
-def _training_run(spec: dict[str, Any], method: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Build ``method``'s model as the engine does, and a function timing one optimiser step of it."""
+def training_run(spec: dict[str, Any], method: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Build ``method``'s model as the engine does, and a function timing one optimiser step of it.
+
+    Returns a dict: ``model``, ``task``, ``trainable`` (the tensors the optimiser steps), ``size`` (the
+    input size), ``step`` (a function running one step and returning its wall time in seconds), and
+    ``faults`` / ``losses``, which each call of ``step`` appends its page faults and loss to.
+
+    >>> run = training_run({"model": "random:tiny", "image_size": 64, "batch_size": 1}, "lora",
+    ...                    torch.device("cpu"), torch.float32)  # doctest: +SKIP
+    >>> seconds = run["step"]()  # doctest: +SKIP
+    """
     from ..training.artifact import TaskInfo
     from ..training.engine import TrainStep
     from ..training.losses import build_loss
@@ -158,6 +167,7 @@ def _training_run(spec: dict[str, Any], method: str, device: torch.device, dtype
     pixels, labels = _inputs(int(spec["batch_size"]), size, device)
 
     faults: list[int | None] = []
+    losses: list[float] = []
 
     def timed_step() -> float:
         _sync(device)
@@ -172,11 +182,20 @@ def _training_run(spec: dict[str, Any], method: str, device: torch.device, dtype
         _sync(device)
         elapsed = time.perf_counter() - start
         faults.append(_faults_between(before))
+        losses.append(float(loss.detach()))
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss {float(loss)} while timing {method}")
         return elapsed
 
-    return {"model": model, "task": task, "trainable": trainable, "size": size, "step": timed_step, "faults": faults}
+    return {
+        "model": model,
+        "task": task,
+        "trainable": trainable,
+        "size": size,
+        "step": timed_step,
+        "faults": faults,
+        "losses": losses,
+    }
 
 
 def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
@@ -195,7 +214,7 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     load_before = load_average()
     method = spec["method"]
-    run = _training_run(spec, method, device, dtype)
+    run = training_run(spec, method, device, dtype)
     model, task, size = run["model"], run["task"], run["size"]
     times = [run["step"]() for _ in range(int(spec["warmup_steps"]) + int(spec["timed_steps"]))]
     times = times[int(spec["warmup_steps"]) :]
@@ -266,7 +285,7 @@ def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
     dtype = pick_dtype(spec.get("precision", "auto"), device)
     load_before = load_average()
     methods = list(spec["methods"])
-    runs = {method: _training_run(spec, method, device, dtype) for method in methods}
+    runs = {method: training_run(spec, method, device, dtype) for method in methods}
     times: dict[str, list[float]] = {method: [] for method in methods}
     warmup = int(spec["warmup_steps"])
     for index in range(warmup + int(spec["timed_steps"])):
