@@ -16,7 +16,8 @@ and writes each setting's medians, page faults per forward pass and Conv-LoRA / 
 ``benchmarks/results/allocator_latency.json``.
 
     python tools/allocator_cost.py                                  # ViT-B at 1024 px, 3 runs per model
-    python tools/allocator_cost.py --model random:convlora-tiny --image-size 128 --threads 1 --runs 20
+    python tools/allocator_cost.py --model random:convlora-tiny --image-size 128 --threads 1 --runs 20 \
+        --output benchmarks/results/allocator_latency_tiny.json
 """
 
 from __future__ import annotations
