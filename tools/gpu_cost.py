@@ -24,7 +24,7 @@ then one device run, carrying ``.whl`` (ViT-B at 1024 px, batch 1 and 4; not yet
 
 and commit the JSON that comes back as ``benchmarks/results/gpu_vitb_1024.json``.
 
-here, on the CPU, a seconds-long rehearsal of the same code (what ``tests/test_bench.py`` runs):
+Here, on the CPU, a seconds-long rehearsal of the same code (what ``tests/test_bench.py`` runs):
 
     python tools/gpu_cost.py --device cpu --model random:convlora-tiny --image-size 64 --batch-sizes 1 2 \\
         --warmup 0 --steps 1 --latency-runs 1 --output /tmp/gpu_cost.json
@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from convlora._io import write_json
+from convlora.bench.cost import ratios
 from convlora.bench.environment import git_commit, machine, pick_device, pick_dtype, set_threads, versions
 from convlora.bench.measure import measure_latency, training_run
 from convlora.models import count_parameters
@@ -53,9 +54,11 @@ VARIANTS: dict[str, tuple[str, str | None]] = {
     "conv_lora_sparse": ("conv_lora", "sparse"),
     "conv_lora_dense": ("conv_lora", "dense"),
 }
+RATIO_KEYS = ("step_seconds", "peak_memory_bytes")
 
 
 def _free(device: torch.device) -> None:
+    """Release what earlier variants left and start a fresh peak-memory count."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -82,8 +85,7 @@ def measure_variant(spec: dict[str, Any], variant: str, device: torch.device, dt
         # the same seed, data and weights for every variant: sparse and dense routing give the same loss
         "first_loss": run["losses"][0],
     }
-    del run
-    _free(device)
+    del run  # the next variant's _free then releases its memory before building
     return result
 
 
@@ -97,16 +99,6 @@ def measure_batch(args: argparse.Namespace, batch: int, device: torch.device, dt
         row = training[variant]
         memory = "" if row["peak_memory_bytes"] is None else f", peak {row['peak_memory_bytes'] / 2**30:.2f} GiB"
         print(f"batch {batch} {variant}: step {row['step_seconds'] * 1e3:.1f} ms{memory}", flush=True)
-    lora = training["lora"]
-    ratios = {
-        variant: {
-            "step_seconds": row["step_seconds"] / lora["step_seconds"],
-            "peak_memory_bytes": None
-            if row["peak_memory_bytes"] is None
-            else row["peak_memory_bytes"] / lora["peak_memory_bytes"],
-        }
-        for variant, row in training.items()
-    }
     latency = measure_latency(
         {
             "model": args.model,
@@ -119,14 +111,13 @@ def measure_batch(args: argparse.Namespace, batch: int, device: torch.device, dt
             "latency_warmup": args.warmup,
         }
     )
-    _free(device)
     merged, dense = latency["seconds"], latency["dense_routing_seconds"]["conv_lora_merged"]
     print(
         f"batch {batch} merged forward: LoRA {merged['lora_merged'] * 1e3:.1f} ms, Conv-LoRA sparse "
         f"{merged['conv_lora_merged'] * 1e3:.1f} ms, dense {dense * 1e3:.1f} ms",
         flush=True,
     )
-    return {"training": training, "ratios_to_lora": ratios, "latency": latency}
+    return {"training": training, "ratios_to_lora": ratios(training, RATIO_KEYS), "latency": latency}
 
 
 def main(argv: list[str] | None = None) -> int:
