@@ -220,9 +220,11 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from ._io import write_json
+    from ._io import check_json_output, write_json
     from .inference import evaluate
 
+    if args.output:
+        check_json_output(args.output, option="--output")
     scores = evaluate(
         args.model,
         args.data,
@@ -255,9 +257,18 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, help="trained model folder (e.g. runs/polyp/adapter)")
     parser.add_argument("--images", required=True, help="folder of images, or a CSV with an image column")
-    parser.add_argument("--output", required=True, help="output folder (replaced atomically)")
+    parser.add_argument(
+        "--output", required=True,
+        help="output folder: new, empty, or an earlier prediction folder (continued with the same model and "
+        "settings, replaced otherwise); never one holding anything else",
+    )  # fmt: skip
     parser.add_argument("--base-model", default=None, help="SAM checkpoint to use instead of the recorded one")
     parser.add_argument("--no-overlays", action="store_true", help="write masks only")
+    parser.add_argument(
+        "--skip-bad", action="store_true",
+        help="leave out images that cannot be read, list them at the end and exit with status 1 (default: stop "
+        "at the first)",
+    )  # fmt: skip
     parser.add_argument(
         "--prompts", default=None,
         help="JSON file mapping image file names to {boxes, points, point_labels}, or a COCO file with bbox entries",
@@ -278,9 +289,16 @@ def _run_predict(args: argparse.Namespace) -> int:
         prompts=args.prompts,
         tile=args.tile,
         overlap=args.overlap,
+        skip_bad=args.skip_bad,
     )
     what = f"the prompted masks of {done['count']} images" if args.prompts else f"{done['count']} masks"
-    print(f"Wrote {what} to {done['output_dir']}")
+    again = f" ({done['reused']} done by an earlier run)" if done["reused"] else ""
+    print(f"Wrote {what} to {done['output_dir']}{again}")
+    if done["bad"]:
+        print(f"convlora predict: {len(done['bad'])} images were left out:", file=sys.stderr)
+        for entry in done["bad"]:
+            print(f"  {entry['image']}: {entry['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -292,7 +310,11 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
         "conv experts are non-linear and stay as a small frozen side branch, whose size is printed.",
     )
     parser.add_argument("--model", required=True, help="trained adapter folder (e.g. runs/polyp/adapter)")
-    parser.add_argument("--output", required=True, help="output folder (replaced atomically)")
+    parser.add_argument(
+        "--output", required=True,
+        help="output folder: new, empty, or a model folder convlora wrote (replaced atomically); never the run or "
+        "the adapter itself",
+    )  # fmt: skip
     parser.add_argument("--base-model", default=None, help="SAM checkpoint to use instead of the recorded one")
     parser.set_defaults(handler=_run_merge)
 
@@ -320,7 +342,9 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, help="trained model folder (e.g. runs/polyp/adapter)")
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (only onnx)")
-    parser.add_argument("--output", required=True, help="output folder (replaced atomically)")
+    parser.add_argument(
+        "--output", required=True, help="output folder: new, empty, or an ONNX export convlora wrote (replaced whole)"
+    )
     parser.add_argument("--base-model", default=None, help="SAM checkpoint to use instead of the recorded one")
     parser.add_argument("--no-prompted", action="store_true", help="write the prompt-free model.onnx only")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or later)")
@@ -374,9 +398,11 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from ._io import write_json
+    from ._io import check_json_output, write_json
     from .data import inspect_dataset
 
+    if args.json:
+        check_json_output(args.json, option="--json")
     mode = None if args.mode == "auto" else args.mode
     reading = {
         "intensity": args.intensity,
@@ -527,11 +553,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as error:  # bad input
-        print(f"convlora {args.command}: error: {error}", file=sys.stderr)
+        print(f"convlora {args.command}: error: {error_text(error)}", file=sys.stderr)
         return 2
     except (TrainingError, OSError) as error:  # a run that cannot go on, a disk full, a permission denied
-        print(f"convlora {args.command}: error: {error}", file=sys.stderr)
+        print(f"convlora {args.command}: error: {error_text(error)}", file=sys.stderr)
         return 1
+
+
+def error_text(error: BaseException) -> str:
+    """An error's message, without the traceback PyTorch's DataLoader adds when a worker process raised it.
+
+    A worker's exception reaches the main process as the same type with the message ``Caught ValueError in
+    DataLoader worker process 0. Original Traceback (most recent call last): ...``; the user needs its last
+    line, the message the worker raised, as without workers.
+
+    >>> error_text(ValueError("Caught ValueError in DataLoader worker process 1.\\nOriginal Traceback (most "
+    ...                       "recent call last):\\n  File ...\\nValueError: a.png is truncated"))
+    'a.png is truncated'
+    """
+    text = str(error)
+    if "DataLoader worker process" not in text or "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name = type(error).__name__
+    for prefix in (f"{type(error).__module__}.{name}: ", f"{name}: "):
+        if last.startswith(prefix):
+            return last[len(prefix) :]
+    head, _, rest = last.partition(": ")
+    return rest if rest and head.replace(".", "").replace("_", "").isalnum() else last
 
 
 if __name__ == "__main__":

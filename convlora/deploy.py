@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._io import atomic_dir, write_json
+from ._io import atomic_dir, check_apart, check_owned, write_json
 from .models import family_of, find_sam, segmentation_logits
 from .training.artifact import TaskInfo, load_trained
 from .tuner.moe import set_routing
@@ -617,7 +617,7 @@ def export_model(
     files = {name: f"{name}.onnx" for name in graphs}
     io: dict[str, Any] = {}
     checks: dict[str, float] = {}
-    with atomic_dir(output_dir) as tmp:
+    with atomic_dir(output_dir, "onnx", option="--output") as tmp:
         for name, graph in graphs.items():
             path = tmp / files[name]
             expected = graph.run(graph.inputs)
@@ -657,5 +657,7 @@ def export_onnx(
     >>> export_onnx("runs/polyp/adapter", "runs/polyp/onnx")["files"]["model"]  # doctest: +SKIP
     'model.onnx'
     """
+    check_apart(output_dir, {"--model": model_dir, "--base-model": base_model})
+    check_owned(output_dir, "onnx", option="--output")
     model, task = load_trained(model_dir, base_model=base_model)
     return export_model(model, task, output_dir, prompted=prompted, opset=opset, check=check)

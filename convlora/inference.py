@@ -8,37 +8,51 @@ larger than the model's input can be segmented tile by tile (``tile`` / ``overla
 >>> segmenter = Segmenter.from_pretrained("runs/polyp/adapter")  # doctest: +SKIP
 >>> mask = segmenter.predict("image.jpg")  # (h, w) class ids at the image's own size  # doctest: +SKIP
 >>> masks = segmenter.predict("image.jpg", boxes=[[40, 30, 200, 180]])  # (1, h, w), one per box  # doctest: +SKIP
+>>> masks = segmenter.predict(["a.jpg", "b.jpg"])  # a list of images: a list of masks  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch import nn
 
-from ._io import atomic_dir, write_json
-from .data import SegmentationDataset, check_dataset, read_image, read_image_size, to_rgb8
-from .data.prompt_files import build_prompts, load_prompts
+from ._io import atomic_dir, atomic_file, check_apart, check_owned, owned_folder, write_json
+from .data import ImageReading, SegmentationDataset, check_dataset, read_image, read_image_size, to_rgb8
+from .data.prompt_files import PROMPT_KEYS, build_prompts, load_prompts
 from .data.prompts import PAD_LABEL, PromptConfig
 from .models import family_of, load_sam, segmentation_logits
+from .models.adapter_check import ADAPTER_CONFIG
 from .models.merged_io import merged_extra_parameters, write_merged
-from .models.processing import PALETTE, InputFormat, overlay, postprocess_masks, preprocess, save_mask_png
+from .models.processing import (
+    PALETTE,
+    InputFormat,
+    overlay,
+    postprocess_masks,
+    preprocess,
+    preprocess_batch,
+    save_mask_png,
+)
 from .training.artifact import TASK_FILE, TaskInfo, load_trained, write_task_file
 from .training.evaluate import evaluate_split
 from .training.methods import METHODS
 from .training.metrics import build_metrics
-from .training.prompted import evaluate_prompted, predict_prompts
+from .training.prompted import evaluate_prompted, iter_predict_prompts, predict_prompts
 from .training.report import logits_to_mask
 
-ImageInput = np.ndarray | str | Path
+# one image: a file, a PIL image, or an array (h, w) / (h, w, 3) / (h, w, 4); a list or tuple of them is a batch
+ImageInput = np.ndarray | str | Path | Image.Image
+Images = ImageInput | Sequence[ImageInput]
 
 
 @dataclass
@@ -70,17 +84,21 @@ class Segmenter:
     ) -> Segmenter:
         """Load a run's ``adapter/`` folder (any method), a merged model, or a plain SAM for prompting.
 
-        A folder without ``convlora_task.json`` (a SAM checkpoint directory), an embedded name such as
-        ``"convlora-tiny"`` or a hub id gives the base SAM as a binary segmenter: meant for prompts (the
-        vanilla side of a vanilla-vs-fine-tuned comparison).
+        A plain PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, as
+        ``peft_model.save_pretrained`` writes them) loads onto ``base_model`` as a binary prompt-free
+        segmenter (see :func:`~convlora.training.artifact.load_peft_folder`). Any other folder without
+        ``convlora_task.json`` (a SAM checkpoint directory), an embedded name such as ``"convlora-tiny"``
+        or a hub id gives the base SAM as a binary segmenter: meant for prompts (the vanilla side of a
+        vanilla-vs-fine-tuned comparison).
 
         Args:
             path: the folder or name.
-            base_model: SAM checkpoint to put the adapter on, if not the one recorded at training time.
+            base_model: SAM checkpoint to put the adapter on, if not the one recorded at training time
+                (required for a plain PEFT adapter folder).
             device: ``"cpu"``, ``"cuda"``...; CUDA when available by default.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if (Path(path) / TASK_FILE).is_file():
+        if (Path(path) / TASK_FILE).is_file() or (Path(path) / ADAPTER_CONFIG).is_file():
             model, task = load_trained(path, base_model=base_model)
         else:
             model = load_sam(path)
@@ -93,11 +111,38 @@ class Segmenter:
         return family_of(self.model).input_format
 
     def _pixels(self, image: ImageInput) -> np.ndarray:
+        """uint8 RGB ``(h, w, 3)`` of one image, read as :func:`~convlora.data.read_image` reads its file."""
         if isinstance(image, (str, Path)):
             return read_image(image, self.task.image_reading)
-        pixels = np.asarray(image)
-        is_rgb8 = pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[-1] == 3
-        return pixels if is_rgb8 else to_rgb8(pixels, self.task.image_reading)
+        pixels = _pil_samples(image) if isinstance(image, Image.Image) else np.asarray(image)
+        if pixels.ndim == 4:
+            raise ValueError(
+                f"image array has shape {pixels.shape}, a stack of images; pass a list of (h, w, 3) images instead"
+            )
+        if pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[-1] == 3:
+            return pixels
+        rgba = pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[-1] == 4
+        if rgba and ImageReading.of(self.task.image_reading).channels is None:
+            return np.ascontiguousarray(pixels[..., :3])  # alpha dropped, not blended, as read_image does
+        return to_rgb8(pixels, self.task.image_reading)
+
+    def _iter_logits(
+        self, images: Sequence[ImageInput], tile: int | None, overlap: int, batch_size: int
+    ) -> Iterator[torch.Tensor]:
+        """Prompt-free logits of each image; untiled images go through the model ``batch_size`` at a time."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if tile is not None:
+            for image in images:
+                yield self.predict_logits(image, tile=tile, overlap=overlap)
+            return
+        for start in range(0, len(images), batch_size):
+            pixels = [self._pixels(image) for image in images[start : start + batch_size]]
+            batch, infos = preprocess_batch(pixels, self.task.image_size, self.input_format)
+            with torch.no_grad():
+                logits = segmentation_logits(self.model, batch.to(self.device)).float().cpu()  # (b, k, m, m)
+            for i, info in enumerate(infos):
+                yield postprocess_masks(logits[i : i + 1], info)[0]
 
     @torch.no_grad()
     def _whole_logits(self, pixels: np.ndarray) -> torch.Tensor:
@@ -106,25 +151,35 @@ class Segmenter:
         return postprocess_masks(logits.float().cpu(), info)[0]
 
     @torch.no_grad()
-    def predict_logits(self, image: ImageInput, *, tile: int | None = None, overlap: int = 0) -> torch.Tensor:
+    def predict_logits(
+        self, image: Images, *, tile: int | None = None, overlap: int = 0, batch_size: int = 4
+    ) -> torch.Tensor | list[torch.Tensor]:
         """Prompt-free logits ``(k, h, w)`` at the image's original size (``k = 1`` for binary tasks).
 
         Args:
-            image: a path or a uint8 ``(h, w, 3)`` RGB array.
+            image: one image (see :meth:`predict`), or a list of them: then a list of logits, one per image.
             tile: segment in ``tile x tile`` windows of the original image (see :func:`tiled_logits`) instead
                 of shrinking the whole image to the model's input; ``None``: whole image.
             overlap: pixels shared by neighbouring windows, blended smoothly.
+            batch_size: images of a list per forward pass (untiled).
         """
+        if _is_batch(image):
+            return list(self._iter_logits(image, tile, overlap, batch_size))
         pixels = self._pixels(image)
         if tile is None:
             return self._whole_logits(pixels)
         return tiled_logits(self._whole_logits, pixels, tile, overlap)
 
-    def predict_proba(self, image: ImageInput, *, tile: int | None = None, overlap: int = 0) -> np.ndarray:
-        """Probabilities ``(k, h, w)``: foreground probability (binary) or class probabilities."""
-        logits = self.predict_logits(image, tile=tile, overlap=overlap)
-        probs = logits.sigmoid() if logits.shape[0] == 1 else logits.softmax(dim=0)
-        return probs.numpy()
+    def predict_proba(
+        self, image: Images, *, tile: int | None = None, overlap: int = 0, batch_size: int = 4
+    ) -> np.ndarray | list[np.ndarray]:
+        """Probabilities ``(k, h, w)``: foreground probability (binary) or class probabilities.
+
+        A list of images gives a list of arrays, one per image (see :meth:`predict_logits`).
+        """
+        if _is_batch(image):
+            return [_probabilities(logits) for logits in self._iter_logits(image, tile, overlap, batch_size)]
+        return _probabilities(self.predict_logits(image, tile=tile, overlap=overlap))
 
     @torch.no_grad()
     def predict_prompted(
@@ -135,7 +190,7 @@ class Segmenter:
         The image encoder runs once for all ``n`` prompts.
 
         Args:
-            image: a path or a uint8 ``(h, w, 3)`` RGB array.
+            image: one image (see :meth:`predict`).
             prompts: prompts in the image's original pixels (see :func:`~convlora.data.build_prompts`).
             multimask: see :meth:`predict`.
         """
@@ -146,49 +201,138 @@ class Segmenter:
 
     def predict(
         self,
-        image: ImageInput,
-        boxes: Sequence[Sequence[float]] | None = None,
-        points: Sequence[Any] | None = None,
-        point_labels: Sequence[Any] | None = None,
+        image: Images,
+        boxes: Any = None,
+        points: Any = None,
+        point_labels: Any = None,
         *,
         multimask: bool | None = None,
         return_scores: bool = False,
         tile: int | None = None,
         overlap: int = 0,
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        batch_size: int = 4,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray] | list[Any]:
         """Masks at the image's original size: prompt-free class ids, or one mask per prompt.
 
-        Without prompts: class ids ``(h, w)`` (binary: 0/1). With prompts: bool ``(n, h, w)``, one mask per
-        prompt; coordinates are in the original image's pixels. See :mod:`convlora.data.prompt_files`
-        for how boxes and points combine into prompts.
+        Without prompts: class ids ``(h, w)`` uint8 (binary: 0/1). With prompts: bool ``(n, h, w)``, one mask
+        per prompt (``n = 0`` for empty boxes / points); coordinates are in the original image's pixels.
+        See :mod:`convlora.data.prompt_files` for how boxes and points combine into prompts. Boxes, points
+        and labels may be lists, tuples, numpy arrays or torch tensors: boxes ``(n, 4)`` (a 1-d array of 4
+        is one box), points ``(n, 2)`` (one prompt) or ``(k, n, 2)`` (one prompt each), labels ``(n,)`` or
+        ``(k, n)``.
+
+        An image is a file path, a PIL image, or an array: uint8 RGB ``(h, w, 3)``, grey ``(h, w)``, uint8
+        RGBA ``(h, w, 4)`` (alpha dropped), or another dtype mapped to 0..255 as the model's
+        ``task.image_reading`` says; each is read exactly as its image file would be (a PIL image gets
+        its EXIF orientation applied). A list (or tuple) of images gives a list of results, one per
+        image, in order; prompt-free, the images go through the model ``batch_size`` at a time (the logits
+        agree with one image at a time to float rounding). With a list of images, ``boxes`` / ``points`` /
+        ``point_labels`` hold one entry per image (that image's prompts; ``None`` segments that image
+        prompt-free).
 
         Args:
-            image: a path or a uint8 ``(h, w, 3)`` RGB array.
+            image: one image, or a list of images.
             boxes: ``[[x0, y0, x1, y1], ...]``, one prompt each.
             points: ``[[x, y], ...]`` (one prompt of all these points) or a list of such lists (one each).
             point_labels: 1 (on the object) or 0 (not on it) per point; all 1 by default.
             multimask: SAM's three masks per prompt, keeping the best rated; by default only for prompts that
                 are a single point (ambiguous), as SAM's predictor does.
-            return_scores: also return the model's IoU estimate of each mask ``(n,)`` (prompted only).
+            return_scores: also return the model's IoU estimate of each mask ``(n,)`` (prompted only):
+                ``(masks, scores)``, or a list of such pairs for a list of images.
             tile: prompt-free only: segment in windows of this size (see :meth:`predict_logits`).
             overlap: pixels shared by neighbouring windows.
-        """
-        prompted = any(value is not None and len(value) > 0 for value in (boxes, points))
-        if not prompted:
-            if point_labels is not None and len(point_labels) > 0:
-                raise ValueError("predict: point_labels given without points")
-            logits = self.predict_logits(image, tile=tile, overlap=overlap)
-            if logits.shape[0] == 1:  # binary: no int64 map of the (possibly huge) image
-                return (logits[0] > 0).numpy().astype(np.uint8)
-            return logits_to_mask(logits.unsqueeze(0))[0].numpy().astype(np.uint8)
-        if tile is not None:
-            raise ValueError("predict: tile is for prompt-free prediction; prompts already say where to look")
+            batch_size: images of a list per forward pass (prompt-free, untiled).
 
+        >>> from convlora.models import random_sam, tiny_sam_config
+        >>> segmenter = Segmenter(random_sam(tiny_sam_config()), base_task(64, "random"))
+        >>> [mask.shape for mask in segmenter.predict([np.zeros((30, 40), np.uint8), np.zeros((20, 20, 4), np.uint8)])]
+        [(30, 40), (20, 20)]
+        """
+        options = {"multimask": multimask, "return_scores": return_scores, "tile": tile, "overlap": overlap}
+        if _is_batch(image):
+            return self._predict_batch(image, (boxes, points, point_labels), options, batch_size)
+        return self._predict_one(image, boxes, points, point_labels, **options)
+
+    def _predict_one(
+        self,
+        image: ImageInput,
+        boxes: Any,
+        points: Any,
+        point_labels: Any,
+        *,
+        multimask: bool | None,
+        return_scores: bool,
+        tile: int | None,
+        overlap: int,
+        source: str = "predict",
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         pixels = self._pixels(image)
-        prompts = build_prompts(boxes, points, point_labels, image_size=pixels.shape[:2], source="predict")
+        if boxes is None and points is None:
+            if point_labels is not None:
+                build_prompts(None, None, point_labels, source=source)  # refuses labels without points
+            return _class_ids(self.predict_logits(pixels, tile=tile, overlap=overlap))
+        if tile is not None:
+            raise ValueError(f"{source}: tile is for prompt-free prediction; prompts already say where to look")
+        prompts = build_prompts(boxes, points, point_labels, image_size=pixels.shape[:2], source=source)
+        if len(prompts) == 0:  # e.g. a detector that found nothing: no masks, not a prompt-free map
+            masks = np.zeros((0, *pixels.shape[:2]), dtype=bool)
+            return (masks, np.zeros(0, np.float32)) if return_scores else masks
         logits, scores = self.predict_prompted(pixels, prompts, multimask=multimask)
         masks = (logits > 0).numpy()
         return (masks, scores.numpy()) if return_scores else masks
+
+    def _predict_batch(
+        self, images: Sequence[ImageInput], prompts: tuple[Any, Any, Any], options: dict[str, Any], batch_size: int
+    ) -> list[Any]:
+        """:meth:`predict` of each image of a list: prompt-free in batches, or with each image's own prompts."""
+        given = {name: value for name, value in zip(PROMPT_KEYS, prompts, strict=True) if value is not None}
+        if not given:
+            logits = self._iter_logits(images, options["tile"], options["overlap"], batch_size)
+            return [_class_ids(image_logits) for image_logits in logits]
+        per_image = {}
+        for name, value in given.items():
+            count = len(value) if hasattr(value, "__len__") and getattr(value, "ndim", 1) > 0 else None
+            if count != len(images):
+                found = f"{name} is not a list" if count is None else f"{name} has {count} entries"
+                raise ValueError(
+                    f"predict: {len(images)} images but {found}; with a list of images, give {name} as a list "
+                    f"with one entry per image (its {name}, or None)"
+                )
+            per_image[name] = value
+        results = []
+        for i, image in enumerate(images):
+            entry = {name: per_image.get(name, [None] * len(images))[i] for name in PROMPT_KEYS}
+            results.append(self._predict_one(image, *entry.values(), **options, source=f"predict: image {i}"))
+        return results
+
+
+def _is_batch(image: Any) -> bool:
+    return isinstance(image, (list, tuple))
+
+
+def _class_ids(logits: torch.Tensor) -> np.ndarray:
+    """uint8 ``(h, w)`` class ids of prompt-free logits ``(k, h, w)`` (binary: 0/1)."""
+    if logits.shape[0] == 1:  # binary: no int64 map of the (possibly huge) image
+        return (logits[0] > 0).numpy().astype(np.uint8)
+    return logits_to_mask(logits.unsqueeze(0))[0].numpy().astype(np.uint8)
+
+
+def _probabilities(logits: torch.Tensor) -> np.ndarray:
+    probs = logits.sigmoid() if logits.shape[0] == 1 else logits.softmax(dim=0)
+    return probs.numpy()
+
+
+def _pil_samples(image: Image.Image) -> np.ndarray:
+    """A PIL image's samples as :func:`~convlora.data.read_image` takes them from its file: EXIF orientation
+    applied, alpha dropped (not blended), palettes expanded; grey and high-bit-depth samples kept as they are."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("LA", "La"):
+        return np.asarray(image)[..., 0]
+    if image.mode == "1":
+        return np.asarray(image.convert("L"))
+    if image.mode in ("L", "RGB", "I", "F") or image.mode.startswith("I;16"):
+        return np.asarray(image)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)  # RGBA, P, PA, CMYK ...
 
 
 def base_task(image_size: int, name: str) -> TaskInfo:
@@ -359,16 +503,13 @@ def evaluate(
     return metrics.compute()
 
 
-def _draw_prompts(image: np.ndarray, masks: np.ndarray, prompts: Any) -> np.ndarray:
-    """An overlay of one mask per prompt (a colour each) with its box and points drawn on top."""
+def _draw_prompts(image: np.ndarray, ids: np.ndarray, prompts: Any) -> np.ndarray:
+    """An overlay of prompt ``i``'s mask as id ``i + 1`` (a colour each) with its box and points drawn on top."""
 
-    ids = np.zeros(image.shape[:2], dtype=np.int64)
-    for i, mask in enumerate(masks):
-        ids[mask] = i + 1
     picture = Image.fromarray(overlay(image, ids))
     draw = ImageDraw.Draw(picture)
     radius = max(2, round(max(image.shape[:2]) / 150))
-    for i in range(len(masks)):
+    for i in range(len(prompts)):
         colour = tuple(int(v) for v in PALETTE[i % len(PALETTE)])
         if prompts.boxes is not None:
             draw.rectangle([float(v) for v in prompts.boxes[i]], outline=colour, width=max(1, radius // 2))
@@ -393,6 +534,66 @@ def _image_names(paths: list[Path], images: str | Path) -> dict[str, Path]:
     return names
 
 
+# predict writes its folder image by image: each image's files atomically, then one line of this file. A
+# rerun with the same model and settings skips the images already listed, so a killed predict continues.
+PROGRESS_FILE = "predictions.jsonl"
+_PREDICTION_ENTRIES = ("masks", "overlays", "predictions.json", PROGRESS_FILE)
+
+
+def _file_state(path: str | Path) -> Any:
+    """What identifies a file's or folder's content cheaply: sizes and modification times (or the name itself)."""
+    path = Path(path)
+    if path.is_file():
+        stat = path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
+    if path.is_dir():
+        return {p.relative_to(path).as_posix(): _file_state(p) for p in sorted(path.rglob("*")) if p.is_file()}
+    return str(path)
+
+
+def _earlier_predictions(output_dir: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """The records of an earlier predict into ``output_dir`` with the same settings; ``None``: start afresh."""
+    progress = output_dir / PROGRESS_FILE
+    if not progress.is_file():
+        others = [name for name in _PREDICTION_ENTRIES if (output_dir / name).exists()]
+        return None if others else {}
+    records: dict[str, dict[str, Any]] = {}
+    with open(progress) as handle:
+        header = handle.readline()
+        with contextlib.suppress(json.JSONDecodeError):
+            if json.loads(header) != {"settings": settings}:
+                return None
+        for line in handle:
+            with contextlib.suppress(json.JSONDecodeError):  # the last line of a killed run may be cut short
+                record = json.loads(line)
+                records[record["image"]] = record
+    return records
+
+
+def _clear_predictions(output_dir: Path) -> None:
+    """Remove what an earlier predict wrote into ``output_dir`` (a prediction folder; nothing else is touched)."""
+    for name in _PREDICTION_ENTRIES:
+        entry = output_dir / name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.is_file() or entry.is_symlink():
+            entry.unlink()
+
+
+def _remove_partial_files(output_dir: Path) -> None:
+    """Remove the temporary files a killed predict left (``.NAME.XXXX.tmp``, written by ``atomic_file``)."""
+    for folder in (output_dir, output_dir / "masks", output_dir / "overlays"):
+        if folder.is_dir():
+            for partial in folder.glob(".*.tmp"):
+                if partial.is_file() and not partial.is_symlink():
+                    partial.unlink()
+
+
+def _save_png(picture: np.ndarray, path: Path) -> None:
+    with atomic_file(path) as handle:
+        Image.fromarray(picture).save(handle, format="PNG")
+
+
 def predict_folder(
     model_path: str | Path,
     images: str | Path,
@@ -403,6 +604,7 @@ def predict_folder(
     prompts: str | Path | None = None,
     tile: int | None = None,
     overlap: int = 0,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Segment every image of a folder; write mask PNGs (and overlays) at each image's original size.
 
@@ -411,6 +613,12 @@ def predict_folder(
     (0/255, ``i`` counting the image's prompts from 0) and the overlay shows the masks with their boxes
     and points; images the file does not name are left out. Overlays go to ``OUTPUT/overlays/<stem>.png``,
     and ``OUTPUT/predictions.json`` lists what was done (scores included).
+
+    Each image's files are written as soon as they are made (atomically) and listed in
+    ``OUTPUT/predictions.jsonl``: the same command run again after an interruption skips the images already
+    done; with another model or other settings it replaces the folder's earlier predictions. ``output_dir``
+    must be new, empty or a prediction folder; it may not contain or lie inside the inputs. Prompts are
+    decoded in bounded chunks and each mask written as it comes, so memory does not grow with their number.
 
     Args:
         model_path: the trained model folder (or a SAM checkpoint / embedded name, for prompts).
@@ -421,65 +629,149 @@ def predict_folder(
         prompts: a prompts JSON or COCO file naming images of the folder.
         tile: prompt-free: segment in windows of this size (see :func:`tiled_logits`).
         overlap: pixels shared by neighbouring windows.
+        skip_bad: leave out images that cannot be read (listed in the result and in ``predictions.json``)
+            instead of stopping at the first.
+
+    Returns:
+        ``count`` (images with predictions), ``output_dir``, ``reused`` (images an earlier run had done) and
+        ``bad`` (``{"image", "error"}`` of each image left out).
+
+    >>> predict_folder("runs/polyp/adapter", "new_images", "predictions", skip_bad=True)  # doctest: +SKIP
     """
 
+    output_dir = Path(output_dir)
+    inputs = {"--images": images, "--model": model_path, "--base-model": base_model, "--prompts": prompts}
+    check_apart(output_dir, inputs)
+    check_owned(output_dir, "predictions", option="--output")
+    if prompts is not None and tile is not None:
+        raise ValueError("predict: --tile is for prompt-free prediction; it cannot be combined with --prompts")
     segmenter = Segmenter.from_pretrained(model_path, base_model=base_model)
-    report = check_dataset(images, reading=segmenter.task.image_reading)
+    reading = segmenter.task.image_reading
+    report = check_dataset(images, reading=reading, skip_bad=skip_bad, skip_advice="--skip-bad")
+    bad = [{"image": str(p.path or p.sample), "error": p.message} for p in report.problems if p.sample is not None]
     paths = [Path(sample.image) for sample in report.usable_samples()]
     binary = segmenter.task.mode == "binary"
     prompt_sets = None
     if prompts is not None:
-        if tile is not None:
-            raise ValueError("predict: --tile is for prompt-free prediction; it cannot be combined with --prompts")
         names = _image_names(paths, images)
         prompt_sets = {names[name]: entry for name, entry in load_prompts(prompts, _sizes(names)).items()}
         paths = [path for path in paths if path in prompt_sets]
-    output_dir = Path(output_dir)
-    records = []
-    with atomic_dir(output_dir) as tmp:
-        (tmp / "masks").mkdir(exist_ok=True)
+    settings = {
+        "model": str(model_path),
+        "model_files": _file_state(model_path),
+        "base_model": base_model,
+        "prompts": None if prompts is None else [str(prompts), _file_state(prompts)],
+        "tile": None if tile is None else [tile, overlap],
+        "overlays": overlays,
+    }
+    records: list[dict[str, Any]] = []
+    reused = 0
+    with owned_folder(output_dir, "predictions", "predict", option="--output"):
+        earlier = _earlier_predictions(output_dir, settings)
+        if earlier is None:  # another model or other settings: this folder's earlier predictions go
+            _clear_predictions(output_dir)
+            earlier = {}
+        _remove_partial_files(output_dir)
+        (output_dir / "masks").mkdir(exist_ok=True)
         if overlays:
-            (tmp / "overlays").mkdir(exist_ok=True)
-        for path in paths:
-            image = read_image(path, segmenter.task.image_reading)
-            if prompt_sets is not None:
-                entry = prompt_sets[path]
-                logits, scores = segmenter.predict_prompted(image, entry)
-                masks = (logits > 0).numpy()
-                files = []
-                for i, mask in enumerate(masks):
-                    save_mask_png(mask, tmp / "masks" / f"{path.stem}_{i}.png", binary=True)
-                    files.append(f"masks/{path.stem}_{i}.png")
-                if overlays:
-                    Image.fromarray(_draw_prompts(image, masks, entry)).save(tmp / "overlays" / f"{path.stem}.png")
-                records.append(
-                    {
-                        "image": str(path),
-                        "size": list(image.shape[:2]),
-                        "prompts": len(masks),
-                        "masks": files,
-                        "scores": [round(float(s), 4) for s in scores],
-                        "mask_fractions": [round(float(m.mean()), 6) for m in masks],
-                    }
-                )
-                continue
-            mask = segmenter.predict(image, tile=tile, overlap=overlap)
-            save_mask_png(mask, tmp / "masks" / f"{path.stem}.png", binary=binary)
-            if overlays:
-                Image.fromarray(overlay(image, mask)).save(tmp / "overlays" / f"{path.stem}.png")
-            fractions = np.bincount(mask.ravel(), minlength=segmenter.task.num_classes) / mask.size
-            records.append({"image": str(path), "size": list(mask.shape), "class_fractions": fractions.tolist()})
+            (output_dir / "overlays").mkdir(exist_ok=True)
+        progress_file = output_dir / PROGRESS_FILE
+        fresh = not progress_file.is_file()
+        with open(progress_file, "a") as progress:
+            if fresh:
+                progress.write(json.dumps({"settings": settings}) + "\n")
+            for path in paths:
+                record = earlier.get(str(path))
+                if (
+                    record is not None
+                    and record.get("file_state") == _file_state(path)
+                    and all((output_dir / name).is_file() for name in record["files"])
+                ):
+                    records.append(record)
+                    reused += 1
+                    continue
+                try:
+                    image = read_image(path, reading)
+                except (ValueError, OSError) as error:
+                    if not skip_bad:
+                        raise ValueError(
+                            f"{path} cannot be read ({error}); fix or remove it, or pass --skip-bad to leave bad "
+                            f"images out. The {len(records)} images done are kept: the same command continues "
+                            "after them"
+                        ) from error
+                    bad.append({"image": str(path), "error": str(error)})
+                    continue
+                if prompt_sets is not None:
+                    record = _predict_prompted(segmenter, image, prompt_sets[path], path, output_dir, overlays)
+                else:
+                    record = _predict_free(segmenter, image, path, output_dir, overlays, binary, tile, overlap)
+                record = {"image": str(path), "file_state": _file_state(path), **record}
+                progress.write(json.dumps(record) + "\n")
+                progress.flush()
+                records.append(record)
         write_json(
-            tmp / "predictions.json",
+            output_dir / "predictions.json",
             {
                 "model": str(model_path),
                 "task": segmenter.task.to_dict(),
                 "prompts": None if prompts is None else str(prompts),
                 "tile": None if tile is None else {"tile": tile, "overlap": overlap},
-                "images": records,
+                "images": [{k: v for k, v in r.items() if k != "file_state"} for r in records],
+                "bad": bad,
             },
         )
-    return {"count": len(records), "output_dir": str(output_dir)}
+    return {"count": len(records), "output_dir": str(output_dir), "reused": reused, "bad": bad}
+
+
+def _predict_free(
+    segmenter: Segmenter,
+    image: np.ndarray,
+    path: Path,
+    output_dir: Path,
+    overlays: bool,
+    binary: bool,
+    tile: int | None,
+    overlap: int,
+) -> dict[str, Any]:
+    """One image's prompt-free mask (and overlay), written; returns its record."""
+    mask = segmenter.predict(image, tile=tile, overlap=overlap)
+    files = [f"masks/{path.stem}.png"]
+    save_mask_png(mask, output_dir / files[0], binary=binary)
+    if overlays:
+        files.append(f"overlays/{path.stem}.png")
+        _save_png(overlay(image, mask), output_dir / files[-1])
+    fractions = np.bincount(mask.ravel(), minlength=segmenter.task.num_classes) / mask.size
+    return {"size": list(mask.shape), "class_fractions": fractions.tolist(), "files": files}
+
+
+def _predict_prompted(
+    segmenter: Segmenter, image: np.ndarray, prompts: Any, path: Path, output_dir: Path, overlays: bool
+) -> dict[str, Any]:
+    """One image's masks, one per prompt, written chunk by chunk as they are decoded; returns its record."""
+    pixel_values, info = preprocess(image, segmenter.task.image_size, segmenter.input_format)
+    ids = np.zeros(image.shape[:2], dtype=np.int32) if overlays else None
+    names, scores, fractions = [], [], []
+    chunks = iter_predict_prompts(segmenter.model, pixel_values.to(segmenter.device), info, prompts)
+    for logits, chunk_scores in chunks:
+        for mask, score in zip((logits > 0).numpy(), chunk_scores.tolist(), strict=True):
+            names.append(f"masks/{path.stem}_{len(names)}.png")
+            save_mask_png(mask, output_dir / names[-1], binary=True)
+            scores.append(round(float(score), 4))
+            fractions.append(round(float(mask.mean()), 6))
+            if ids is not None:
+                ids[mask] = len(names)
+    files = list(names)
+    if ids is not None:
+        files.append(f"overlays/{path.stem}.png")
+        _save_png(_draw_prompts(image, ids, prompts), output_dir / files[-1])
+    return {
+        "size": list(image.shape[:2]),
+        "prompts": len(names),
+        "masks": names,
+        "scores": scores,
+        "mask_fractions": fractions,
+        "files": files,
+    }
 
 
 def _sizes(names: dict[str, Path]) -> dict[str, tuple[int, int]]:
@@ -501,17 +793,20 @@ def merge_model(model_path: str | Path, output_dir: str | Path, *, base_model: s
 
     Args:
         model_path: the trained adapter folder.
-        output_dir: where the merged model goes (replaced atomically).
+        output_dir: where the merged model goes: a new or empty folder, or a model folder convlora wrote
+            (replaced atomically); never one holding the adapter.
         base_model: see :meth:`Segmenter.from_pretrained`.
     """
 
+    check_apart(output_dir, {"--model": model_path, "--base-model": base_model})
+    check_owned(output_dir, "model", option="--output")
     model, task = load_trained(model_path, base_model=base_model)
     if not METHODS[task.method].uses_adapter:
         raise ValueError(f"{model_path} was trained with method {task.method!r}; only adapters can be merged")
     merged = model.merge_and_unload().eval()
     extra = merged_extra_parameters(merged)
     merged_task = TaskInfo(**{**task.to_dict(), "merged": True})
-    with atomic_dir(output_dir) as tmp:
+    with atomic_dir(output_dir, "model", option="--output") as tmp:
         write_merged(merged, tmp)
         write_task_file(tmp, merged_task)
     return {"output_dir": str(output_dir), "extra_parameters": extra, "method": task.method}

@@ -18,6 +18,7 @@ from convlora import (
     moe_aux_loss,
     save_merged,
 )
+from convlora._io import OUTPUT_MARKER
 from convlora.tuner.layer import ConvLoraLinear
 from convlora.tuner.moe import ConvExpertMixture
 
@@ -256,7 +257,7 @@ def test_merged_checkpoint_round_trip_and_vanilla_transformers_refuses_it(make_s
     expected = masks(merged, images)
     save_merged(merged, tmp_path / "merged")
     files = {p.name for p in (tmp_path / "merged").iterdir()}
-    assert files == {"config.json", "convlora_model.safetensors"}
+    assert files == {"config.json", "convlora_model.safetensors", OUTPUT_MARKER}
     restored = load_merged(tmp_path / "merged")
     assert torch.equal(masks(restored, images), expected)
     with pytest.raises(OSError):

@@ -25,6 +25,7 @@ from convlora.models.family import (
     family_for_type,
     family_of,
     find_sam,
+    prepare_model,
     prompted_logits,
     segmentation_logits,
 )
@@ -294,10 +295,14 @@ def test_sam3_concept_models_image_path_takes_the_presets_but_has_no_prompt_free
 
 @pytest.mark.parametrize("family", ["sam2", "sam3"])
 def test_evaluation_uses_the_mask_token_training_uses(family):
+    # convlora's task setting (TaskInfo.single_mask_token, applied by training and load_trained), not the loader's
     model = make_base(family)
+    assert model.config.mask_decoder_config.dynamic_multimask_via_stability is True
     images = make_images(family)
     with torch.no_grad():
         trained_token = segmentation_logits(model.train(), images)
+    assert not torch.equal(logits(model, images), trained_token)  # transformers' eval-time fallback
+    prepare_model(model)
     assert torch.equal(logits(model, images), trained_token)
     assert model.config.mask_decoder_config.dynamic_multimask_via_stability is False
 

@@ -34,7 +34,7 @@ import convlora
 import convlora.training.checkpoint
 import convlora.training.losses
 from convlora import Segmenter, load_sam, load_trained
-from convlora._io import WriteError, sha256_file
+from convlora._io import LOCK_FILE, OUTPUT_MARKER, WriteError, sha256_file
 from convlora.cli import main
 from convlora.data import DatasetError, SegmentationDataset, load_datasets
 from convlora.inference import merge_model
@@ -134,6 +134,8 @@ def test_every_file_a_run_and_a_merge_write_goes_through_a_temporary_name(worksp
     for path in ours:
         if path.is_relative_to(run / "logs"):
             continue  # TensorBoard appends to its event files; they are logs, not artifacts
+        if path == run / LOCK_FILE:
+            continue  # the run's lock: written through its open descriptor, removed when the run ends
         assert any(TMP_NAME.match(part) for part in path.relative_to(workspace).parts), f"written in place: {path}"
     assert not leftovers(workspace)
 
@@ -157,7 +159,8 @@ def test_saved_files_get_the_usual_permissions_not_those_of_temporary_files(work
         os.umask(previous)
     assert adapter.stat().st_mode & 0o777 == 0o755
     assert {p.name: p.stat().st_mode & 0o777 for p in adapter.iterdir()} == {
-        name: 0o644 for name in ("adapter_config.json", "adapter_model.safetensors", TASK_FILE, "README.md")
+        name: 0o644
+        for name in ("adapter_config.json", "adapter_model.safetensors", TASK_FILE, "README.md", OUTPUT_MARKER)
     }
 
 

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from convlora import Segmenter
 from convlora.cli import main
 from convlora.inference import evaluate
-from convlora.models import random_sam, tiny_sam_config
+from convlora.models import load_sam, random_sam, tiny_sam_config
 from convlora.synthetic import write_dataset
-from convlora.training.artifact import TaskInfo
+from convlora.training.artifact import TaskInfo, continue_from_export
 from convlora.training.config import load_config
 from convlora.training.engine import epoch_order, train
 
@@ -115,10 +115,10 @@ def test_evaluate_matches_a_direct_computation_and_merge_keeps_predictions(works
 
 
 def test_multiclass_training_with_many_classes(workspace):
-    result = train(config(workspace, "scene", "--epochs", "2", data="scene"), show_progress=False)
+    result = train(config(workspace, "scene-run", "--epochs", "2", data="scene"), show_progress=False)
     assert result.task.mode == "multiclass" and result.task.num_classes == 9
     assert "miou" in result.history[-1]
-    segmenter = Segmenter.from_pretrained(workspace / "scene" / "adapter")
+    segmenter = Segmenter.from_pretrained(workspace / "scene-run" / "adapter")
     mask = segmenter.predict(workspace / "scene" / "test" / "images" / "00000.png")
     assert mask.max() < 9
 
@@ -231,3 +231,14 @@ def test_fp16_without_a_gpu_is_refused_with_a_clear_error(workspace):
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="fp16' needs a CUDA GPU"):
         train(config(workspace, "fp16", "--mixed_precision", "fp16"), show_progress=False)
+
+
+def test_a_lora_run_continues_from_its_exported_adapter(workspace):
+    """PEFT's LoRA adapter records peft_type "LORA"; str(PeftType.LORA) is "PeftType.LORA" and was refused."""
+    first = train(config(workspace, "lora-a", "--epochs", "1", "--method", "lora"), show_progress=False)
+    model = continue_from_export(load_sam(workspace / "sam"), first.task, first.adapter_dir)
+    saved = load_file(first.adapter_dir / "adapter_model.safetensors")
+    state = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    assert state and state.keys() <= saved.keys()
+    assert all(torch.equal(v, saved[k]) for k, v in state.items())
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # trained, not the initial zeros

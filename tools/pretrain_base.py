@@ -44,7 +44,7 @@ from einops import rearrange
 from torch import nn
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from convlora._io import atomic_dir, write_json
+from convlora._io import OUTPUT_MARKER, atomic_dir, write_json
 from convlora.bench.environment import machine, versions
 from convlora.models import count_parameters, find_sam, random_sam, tiny_sam_config
 from convlora.models.embedded import BASE_ARCHITECTURE
@@ -489,11 +489,12 @@ def pretrain(config: PretrainConfig, out: str | Path, *, command: str | None = N
         "config": asdict(config),
         "loss_log": progress["log"],
     }
-    with atomic_dir(out / ".final") as tmp:
+    with atomic_dir(out / ".final", "merged") as tmp:
         model.eval().save_pretrained(tmp)
         write_json(tmp / "pretraining.json", record)
     for name in ("config.json", "model.safetensors", "pretraining.json"):
         os.replace(out / ".final" / name, out / name)
+    (out / ".final" / OUTPUT_MARKER).unlink()
     (out / ".final").rmdir()
     return record
 

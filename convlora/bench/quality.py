@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .._io import write_json
+from .._io import folder_kind, write_json
 from ..examples import zero_shot_metrics
 from ..recipes import recipe
 from ..synthetic import write_dataset
@@ -120,6 +120,8 @@ def run_one(fields: dict[str, Any], run_dir: Path, domain: str, arm: Arm) -> dic
         return {**earlier, "arm": arm.name, "reused": True}
     train_dir = run_dir / "train"
     if train_dir.exists():  # a run that was interrupted: start it again from scratch
+        if folder_kind(train_dir) != "run":
+            raise ValueError(f"{train_dir} holds files a benchmark run did not write; move them away to run it")
         shutil.rmtree(train_dir)
     load_before = load_average()
     started = time.time()

@@ -512,6 +512,7 @@ def check_dataset(
     workers: int | None = None,
     reading: ImageReading | Mapping[str, Any] | None = None,
     mask_reading: str = "auto",
+    skip_advice: str = "skip_bad=True (`--skip_bad true` on the command line)",
 ) -> DatasetReport:
     """:func:`inspect_dataset`, then refuse a dataset with problems, or leave its bad samples out.
 
@@ -525,6 +526,7 @@ def check_dataset(
         workers: threads decoding files.
         reading: how images are read (see :func:`inspect_dataset`).
         mask_reading: ``"auto"``, ``"instances"`` or ``"classes"`` (see :func:`inspect_dataset`).
+        skip_advice: how the refusal tells the caller to leave bad samples out (the command's own option).
 
     Returns:
         The report; ``report.usable_samples()`` are the samples to use.
@@ -537,14 +539,14 @@ def check_dataset(
     report = inspect_dataset(source, mode, num_classes, workers=workers, reading=reading, mask_reading=mask_reading)
     fatal = [p for p in report.problems if p.fatal]
     if report.problems and (fatal or not skip_bad):
-        raise DatasetError(_problem_message(report, fatal if skip_bad else report.problems), report)
+        raise DatasetError(_problem_message(report, fatal if skip_bad else report.problems, skip_advice), report)
     report.skipped = len(report.bad_samples())
     if not report.usable_samples():
         raise DatasetError(f"{source}: no usable samples remain after leaving out {report.skipped} bad ones", report)
     return report
 
 
-def _problem_message(report: DatasetReport, problems: list[Problem]) -> str:
+def _problem_message(report: DatasetReport, problems: list[Problem], skip_advice: str) -> str:
     lines = [f"dataset {report.source} has {len(problems)} problem{'s' * (len(problems) != 1)}:"]
     lines.extend(f"  {problem}" for problem in problems[:MAX_LISTED_PROBLEMS])
     if len(problems) > MAX_LISTED_PROBLEMS:
@@ -552,12 +554,7 @@ def _problem_message(report: DatasetReport, problems: list[Problem]) -> str:
     if any(p.fatal for p in problems):
         lines.append("Fix these first: they concern the whole dataset.")
     elif report.bad_samples():
-        lines.append(
-            f"Fix them, or pass skip_bad=True (`--skip_bad true` on the command line) to leave out the "
-            f"{len(report.bad_samples())} bad samples."
-        )
+        lines.append(f"Fix them, or pass {skip_advice} to leave out the {len(report.bad_samples())} bad samples.")
     else:
-        lines.append(
-            "Fix them, or pass skip_bad=True (`--skip_bad true` on the command line) to ignore the stray files."
-        )
+        lines.append(f"Fix them, or pass {skip_advice} to ignore the stray files.")
     return "\n".join(lines)

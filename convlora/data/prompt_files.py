@@ -8,8 +8,12 @@ A prompts file is JSON mapping image file names to their prompts::
 ``boxes`` are ``[x0, y0, x1, y1]`` in the image's own pixels, one prompt (and one mask) each. ``points``
 are ``[x, y]``: a flat list is one prompt made of all its points (``point_labels``: 1 = on the object,
 0 = not on it; all 1 when left out); a list of lists gives one prompt per inner list. With both, each
-box gets the point list at its position. A COCO-style annotation file (``images`` with ``file_name`` and
-``annotations`` with ``bbox`` = ``[x, y, width, height]``) is read as one box prompt per annotation.
+box gets the point list at its position. In Python, numpy arrays, torch tensors and tuples (and numpy
+numbers inside lists) are taken like the lists they hold: boxes ``(n, 4)``, or ``(4,)`` for one box;
+points ``(n, 2)`` (one prompt) or ``(k, n, 2)`` (one prompt each); labels ``(n,)`` or ``(k, n)``.
+
+A COCO-style annotation file (``images`` with ``file_name`` and ``annotations`` with ``bbox`` =
+``[x, y, width, height]``) is read as one box prompt per annotation.
 
 >>> prompts = build_prompts(boxes=[[0, 0, 10, 10]], points=[[5, 5]], image_size=(20, 20))
 >>> prompts.boxes.tolist(), prompts.point_labels.tolist()
@@ -36,6 +40,43 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# what each argument may look like as an array: which shapes, and the words an error uses
+_SHAPES = {
+    "boxes": (lambda shape: shape == (4,) or (len(shape) == 2 and shape[1] == 4), "(n, 4), or (4,) for one box"),
+    "points": (lambda shape: len(shape) in (2, 3) and shape[-1] == 2, "(n, 2) for one prompt or (k, n, 2)"),
+    "point_labels": (lambda shape: len(shape) in (1, 2), "(n,) or (k, n), one label per point"),
+}
+
+
+def _plain(value: Any) -> Any:
+    """Nested lists of Python numbers from array-likes: numpy arrays and numbers, torch tensors, tuples."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    tolist = getattr(value, "tolist", None)  # numpy arrays and scalars, torch tensors
+    if callable(tolist) and not isinstance(value, (str, bytes)):
+        plain = tolist()
+        return [_plain(v) for v in plain] if isinstance(plain, list) else plain
+    return value
+
+
+def _given(value: Any, name: str, source: str) -> list[Any] | None:
+    """A prompt argument as nested lists, or ``None`` when it is absent or empty; array shapes are checked."""
+    if value is None:
+        return None
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(value, (list, tuple)):
+        shape = tuple(int(n) for n in shape)
+        if len(shape) >= 1 and shape[0] == 0:
+            return None
+        fits, expected = _SHAPES[name]
+        if not fits(shape):
+            raise ValueError(f"{source}: {name} is an array of shape {shape}; expected {expected}")
+    plain = _plain(value)
+    if not isinstance(plain, list):
+        raise ValueError(f"{source}: {name} is {_show(plain)}; expected a list or array ({_SHAPES[name][1]})")
+    return plain or None
+
+
 def _depth(value: Any) -> int:
     """Nesting depth of a list of numbers (a number: 0, ``[x, y]``: 1, ``[[x, y]]``: 2 ...)."""
     depth = 0
@@ -54,25 +95,35 @@ def build_prompts(
 ) -> Prompts:
     """Check user prompts (original-image pixels) and arrange them as :class:`Prompts`.
 
+    Lists, tuples, numpy arrays and torch tensors are all accepted (see the module docstring); a 1-d
+    array of four numbers is one box.
+
     Args:
-        boxes: ``[x0, y0, x1, y1]`` or a list of them.
-        points: ``[[x, y], ...]`` (one prompt) or ``[[[x, y], ...], ...]`` (one prompt per inner list).
+        boxes: ``[x0, y0, x1, y1]`` or a list of them; an ``(n, 4)`` or ``(4,)`` array.
+        points: ``[[x, y], ...]`` (one prompt) or ``[[[x, y], ...], ...]`` (one prompt per inner list); an
+            ``(n, 2)`` or ``(k, n, 2)`` array.
         point_labels: labels shaped like ``points`` (without the last axis): 1 positive, 0 negative.
         image_size: ``(h, w)``; when given, boxes and points must lie inside the image.
         source: what to name in errors (a file and entry).
 
     Raises:
         ValueError: one line naming ``source`` and the entry: a box outside the image or with ``x0 > x1``,
-            a label other than 0/1, point and label counts that differ, prompt counts that differ.
+            a label other than 0/1, point and label counts that differ, prompt counts that differ, an
+            array of the wrong shape.
 
     >>> build_prompts(points=[[[1, 1]], [[3, 3], [4, 4]]]).point_labels.tolist()
     [[1, -10], [1, 1]]
+    >>> build_prompts(boxes=np.array([2, 4, 20, 30], np.float32)).boxes.tolist()
+    [[2.0, 4.0, 20.0, 30.0]]
     """
-    box_array = None if boxes is None or len(boxes) == 0 else _boxes(boxes, image_size, source)
+    boxes = _given(boxes, "boxes", source)
+    points = _given(points, "points", source)
+    point_labels = _given(point_labels, "point_labels", source)
+    box_array = None if boxes is None else _boxes(boxes, image_size, source)
     point_array = label_array = None
-    if points is not None and len(points) > 0:
+    if points is not None:
         point_array, label_array = _points(points, point_labels, image_size, source)
-    elif point_labels is not None and len(point_labels) > 0:
+    elif point_labels is not None:
         raise ValueError(f"{source}: point_labels given without points")
     if box_array is not None and point_array is not None and len(box_array) != len(point_array):
         raise ValueError(

@@ -10,14 +10,48 @@ from torch import nn
 
 from .._compat import quiet_peft_deprecations
 from ..tuner import ConvLoraConfig
-from .family import family_of, find_sam, prepare_model
+from ..tuner.model import tuner_layer_method
+from .family import family_of, find_sam
 
 
-def _checked_config(model: nn.Module, config: Any) -> ConvLoraConfig:
+def existing_adapters(model: nn.Module) -> dict[str, list[str]]:
+    """The adapters already in ``model``: adapter names by method (``"Conv-LoRA"``, ``"LORA"``, ...).
+
+    Args:
+        model: any module (a ``PeftModel``, a model ``load_adapter`` gave adapters, a plain SAM).
+
+    >>> existing_adapters(nn.Linear(2, 2))
+    {}
+    """
+    found: dict[str, set[str]] = {}
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            found.setdefault(tuner_layer_method(module), set()).update(module._get_available_adapters())
+    return {kind: sorted(names) for kind, names in found.items()}
+
+
+def _refuse_adapted(model: nn.Module, function: str, method: str) -> None:
+    # get_peft_model over existing adapter layers would re-initialise them (same name) or fail on them (other method)
+    found = existing_adapters(model)
+    if not found:
+        return
+    listed = "; ".join(f"{kind} adapter {', '.join(repr(n) for n in names)}" for kind, names in found.items())
+    if set(found) == {method}:
+        hint = "add a second adapter with peft_model.add_adapter(name, config) instead"
+    else:
+        hint = "adapters of different methods do not stack: merge_and_unload() or unload() the existing one first"
+    raise ValueError(
+        f"{function}: {type(model).__name__} already has a {listed}; refusing to apply another over it (that would "
+        f"reset or break the trained one); {hint}, or start from a model without adapters"
+    )
+
+
+def _checked_config(model: nn.Module, config: Any, lora: bool = False) -> ConvLoraConfig:
     config = ConvLoraConfig() if config is None else config
     if not isinstance(config, ConvLoraConfig):
         raise TypeError(f"config must be a ConvLoraConfig, got {type(config).__name__}")
-    sam = find_sam(prepare_model(model))
+    _refuse_adapted(model, *(("apply_lora", "LORA") if lora else ("apply_conv_lora", "Conv-LoRA")))
+    sam = find_sam(model)
     config.resolve_targets(sam.config.model_type, type(sam).__name__)
     depth = len(family_of(sam).encoder_layers(sam))
     if config.layers is not None and max(config.layers) >= depth:
@@ -35,7 +69,8 @@ def apply_conv_lora(
     """Inject Conv-LoRA into SAM's image encoder and return a ``peft.PeftModel``.
 
     Only the adapters and the modules in ``config.modules_to_save`` (the mask decoder by default) are
-    trainable afterwards.
+    trainable afterwards. The base model's behaviour is untouched (a fresh adapter gives its outputs exactly);
+    a model that already carries adapters is refused, never reset.
 
     Args:
         model: a ``SamModel``, ``SamHQModel``, ``Sam2Model``, ``Sam3TrackerModel`` (or ``Sam3Model``), or a
@@ -80,7 +115,7 @@ def apply_lora(model: nn.Module, config: ConvLoraConfig | None = None, *, adapte
     >>> type(apply_lora(random_sam(tiny_sam_config())).peft_config["default"]).__name__
     'LoraConfig'
     """
-    config = _checked_config(model, config)
+    config = _checked_config(model, config, lora=True)
     lora_config = LoraConfig(
         r=config.r,
         lora_alpha=config.lora_alpha,

@@ -70,13 +70,20 @@ def family_of(model: nn.Module) -> ModelFamily:
 
 
 def prepare_model(model: nn.Module) -> nn.Module:
-    """Put the SAM inside ``model`` in the state fine-tuning expects (its family's ``prepare``); returns ``model``.
+    """Apply convlora's single-mask-token task setting to the SAM inside ``model`` (in place); returns ``model``.
 
-    SAM 2 and SAM 3 get their eval-time multimask fallback turned off, so that evaluation uses the mask
-    token training used. Called by ``load_sam``, ``random_sam`` and the adapter functions.
+    SAM 2 and SAM 3 get their eval-time multimask fallback (``dynamic_multimask_via_stability``) turned off,
+    so that evaluation uses the mask token training used (the family's ``prepare``; nothing for SAM and
+    SAM-HQ). It changes the model's behaviour, so loading and adapting never call it: the training engine
+    and ``load_trained`` do, when the task file's ``single_mask_token`` says so. Call it on a model loaded
+    with stock transformers / PEFT to reproduce convlora's evaluation.
 
     Args:
-        model: a SAM model of any family, or a module containing one.
+        model: a SAM model of any family, or a module containing one (a ``PeftModel``).
+
+    >>> from convlora.models import random_sam, tiny_sam2_config
+    >>> prepare_model(random_sam(tiny_sam2_config())).mask_decoder.dynamic_multimask_via_stability
+    False
     """
     family = family_of(model)
     if family.prepare is not None:

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from . import embedded
-from .family import family_of, model_class, prepare_model
+from .family import family_of, model_class
 from .merged_io import MERGED_WEIGHTS_NAME, load_merged
 
 # Learned position tables of every family, drawn from N(0, 0.02) by random_sam.
@@ -52,7 +52,7 @@ def random_sam(config: Any, seed: int = 0) -> nn.Module:
                 nn.init.normal_(param, std=1.0)
     finally:
         torch.random.set_rng_state(generator_state)
-    return prepare_model(model).eval()
+    return model.eval()
 
 
 def load_sam(name_or_path: str | Path, *, image_size: int | None = None, local_files_only: bool = False) -> nn.Module:
@@ -60,7 +60,9 @@ def load_sam(name_or_path: str | Path, *, image_size: int | None = None, local_f
 
     ``SamModel`` and ``SamHQModel`` checkpoints (and therefore MedSAM and SlimSAM ones) are read
     through transformers from safetensors; a merged Conv-LoRA checkpoint written by
-    ``convlora.save_merged`` is rebuilt with its conv side branches.
+    ``convlora.save_merged`` is rebuilt with its conv side branches. The model behaves exactly as
+    transformers' own ``from_pretrained`` gives it (SAM 2 / SAM 3 keep their eval-time multimask fallback;
+    convlora's single-mask-token setting is a task's, applied by training and ``load_trained``).
 
     Args:
         name_or_path: e.g. ``"facebook/sam-vit-base"``, ``"flaviagiammarino/medsam-vit-base"``, or a
@@ -101,7 +103,6 @@ def load_sam(name_or_path: str | Path, *, image_size: int | None = None, local_f
                 f"Could not load SAM model {name!r}: not an embedded model ({sorted(embedded.EMBEDDED_MODELS)}), "
                 f"not a local directory, and the hub could not provide it ({error.__class__.__name__}: {error})"
             ) from error
-    prepare_model(model)
     if image_size is not None:
         model = resize_model(model, image_size)
     return model

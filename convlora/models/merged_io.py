@@ -10,6 +10,10 @@ fails instead; :func:`load_merged` (and ``convlora.load_sam``) rebuild the branc
 (or decoder-only) binary model has no side branch and is saved as a vanilla transformers checkpoint; a
 multi-class model (see ``convlora.models.semantic``) always uses the convlora layout, since its decoder has
 class tokens that stock transformers does not know.
+
+The ordinary ``save_pretrained`` of such a model writes the same layout, as :func:`save_merged` does: importing
+this module registers that writer behind the ``save_pretrained`` that ``merge_and_unload``, :func:`load_merged`
+and ``install_class_decoder`` give those models (``convlora.tuner.merged``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 
 from .._io import atomic_dir, write_json
 from ..tuner import ConvLoraMergedLinear
+from ..tuner.merged import guard_save_pretrained, register_merged_saver
 from .family import model_class
 from .semantic import class_decoder_classes, install_class_decoder
 
@@ -56,7 +61,7 @@ def save_adapter(peft_model: Any, directory: str | Path, **kwargs: Any) -> Path:
         kwargs: passed to ``save_pretrained``.
     """
     directory = Path(directory)
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, "adapter") as tmp:
         peft_model.save_pretrained(str(tmp), **kwargs)
     return directory
 
@@ -71,7 +76,7 @@ def save_merged(model: nn.Module, directory: str | Path) -> Path:
     >>> save_merged(peft_model.merge_and_unload(), "out/merged")  # doctest: +SKIP
     """
     directory = Path(directory)
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, "merged") as tmp:
         write_merged(model, tmp)
     return directory
 
@@ -84,7 +89,7 @@ def write_merged(model: nn.Module, directory: Path) -> None:
     if config is None or not hasattr(config, "to_dict"):
         raise ValueError(f"save_merged needs a transformers model with a config, got {type(model).__name__}")
     if not layers and num_classes is None:
-        model.save_pretrained(str(directory))
+        type(model).save_pretrained(model, str(directory))  # transformers' own, past any per-instance override
         return
     config_dict = config.to_dict()
     config_dict["convlora_merged"] = {
@@ -147,4 +152,12 @@ def load_merged(directory: str | Path) -> nn.Module:
             f"{weights} does not match its config.json: missing tensors {sorted(missing)[:5]}, "
             f"unexpected tensors {sorted(unexpected)[:5]}"
         )
-    return model.eval()
+    return guard_save_pretrained(model).eval()
+
+
+def _save_pretrained_merged(model: nn.Module, directory: Path) -> None:
+    with atomic_dir(directory, "merged", option="save_pretrained") as tmp:
+        write_merged(model, tmp)
+
+
+register_merged_saver(_save_pretrained_merged)

@@ -170,15 +170,19 @@ def single_token_masks(model: nn.Module) -> None:
     multimask outputs (``dynamic_multimask_via_stability``), meant for interactive clicks. A model fine-tuned
     on token 0 would then be evaluated on other, untrained tokens; convlora turns the fallback off.
 
+    This is convlora's task setting (``TaskInfo.single_mask_token``), not the model's: loading and adapting
+    leave the fallback on, as transformers has it. To reproduce convlora's evaluation with stock PEFT, call
+    this (or set ``dynamic_multimask_via_stability = False`` on the mask decoder) after loading.
+
     Args:
-        model: a ``Sam2Model`` or ``Sam3TrackerModel`` (or a module containing one).
+        model: a ``Sam2Model`` or ``Sam3TrackerModel`` (or a module containing one, e.g. a ``PeftModel``).
     """
     for module in model.modules():
         if hasattr(module, "dynamic_multimask_via_stability"):
             module.dynamic_multimask_via_stability = False
-    decoder_config = getattr(getattr(model, "config", None), "mask_decoder_config", None)
-    if decoder_config is not None and hasattr(decoder_config, "dynamic_multimask_via_stability"):
-        decoder_config.dynamic_multimask_via_stability = False
+        decoder_config = getattr(getattr(module, "config", None), "mask_decoder_config", None)
+        if decoder_config is not None and hasattr(decoder_config, "dynamic_multimask_via_stability"):
+            decoder_config.dynamic_multimask_via_stability = False
 
 
 def _model_class() -> type[nn.Module]:

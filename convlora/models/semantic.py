@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers.models.sam.modeling_sam import SamMaskDecoder
 
+from ..tuner.merged import guard_save_pretrained
 from .family import family_of, find_sam
 from .semantic_sam2 import CLASS_QUERY_DECODERS, ClassQueries, ClassTokens
 
@@ -80,6 +81,8 @@ def install_class_decoder(model: nn.Module, num_classes: int) -> nn.Module:
 
     Pretrained decoder weights are kept; class tokens and the shared class MLP start from SAM's first mask
     token and MLP. Call it before applying adapters, and identically before loading a trained adapter.
+    Stock transformers does not know the class tokens, so the SAM's ``save_pretrained`` then writes
+    convlora's layout (see ``convlora.save_merged``), which ``convlora.load_sam`` reads back.
 
     Args:
         model: a ``SamModel``, ``Sam2Model`` or ``Sam3TrackerModel`` (not wrapped in PEFT).
@@ -109,6 +112,7 @@ def install_class_decoder(model: nn.Module, num_classes: int) -> nn.Module:
     decoder.init_from_sam()
     decoder.train(old.training)
     sam.mask_decoder = decoder
+    guard_save_pretrained(sam)
     return model
 
 

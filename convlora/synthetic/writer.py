@@ -151,7 +151,7 @@ def write_dataset(
             "pass overwrite=True to replace it"
         )
     digest = hashlib.sha256()
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "dataset") as tmp:
         for split, count in counts.items():
             (tmp / split / "images").mkdir(parents=True)
             (tmp / split / "masks").mkdir()

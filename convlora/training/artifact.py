@@ -15,8 +15,10 @@ from torch import nn
 
 from .._io import atomic_dir, read_versioned_json, sha256_file, write_json
 from ..data import ImageReading
-from ..models import install_class_decoder, load_sam
-from .methods import get_method
+from ..models import family_of, install_class_decoder, load_sam
+from ..models.adapter_check import ADAPTER_CONFIG, read_adapter_config
+from ..models.family import prepare_model
+from .methods import get_method, method_for_adapter
 
 TASK_FILE = "convlora_task.json"
 TASK_FORMAT_VERSION = 1
@@ -40,6 +42,10 @@ class TaskInfo:
             without it get the defaults, under which 8-bit images are read as they always were.
         prompt: the prompt kind the model was trained with (``"none"``: prompt-free; ``"box"``, ``"point"``,
             ``"box_point"``, ``"mixed"``). Any model answers prompts; this records how it was trained.
+        single_mask_token: SAM 2 / SAM 3 give their single-mask output from mask token 0 in evaluation too,
+            as in training (transformers' eval-time ``dynamic_multimask_via_stability`` fallback off); applied
+            by the training engine and :func:`load_trained`, never by ``load_sam`` / ``apply_conv_lora``. No
+            effect on SAM and SAM-HQ. Files without it (earlier convlora, which always did this) get ``True``.
         format_version: version of this file's format; files from a newer convlora are refused.
         weights_sha256: SHA-256 of each weights file in the folder, recorded at export and checked by
             :func:`load_trained` (safetensors files carry no checksum of their own).
@@ -56,6 +62,7 @@ class TaskInfo:
     weights_sha256: dict[str, str] = field(default_factory=dict)
     image_reading: dict[str, Any] = field(default_factory=lambda: ImageReading().to_dict())
     prompt: str = "none"
+    single_mask_token: bool = True
     format_version: int = TASK_FORMAT_VERSION
 
     @property
@@ -95,7 +102,7 @@ def export_trained(model: nn.Module, task: TaskInfo, directory: str | Path, mode
         model_card: text of the ``README.md`` written beside the weights.
     """
     directory = Path(directory)
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, "model") as tmp:
         get_method(task.method).export(model, tmp)
         write_task_file(tmp, task)
         if model_card is not None:
@@ -130,10 +137,15 @@ def verify_weights(directory: str | Path, task: TaskInfo) -> None:
 def load_trained(directory: str | Path, *, base_model: str | None = None) -> tuple[nn.Module, TaskInfo]:
     """Rebuild a trained model from its ``adapter/`` folder, in evaluation mode.
 
+    A plain PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors`` as
+    ``peft_model.save_pretrained`` writes them, no ``convlora_task.json``) loads too, onto ``base_model``
+    (see :func:`load_peft_folder`).
+
     Args:
-        directory: the folder written by a training run (``RUN/adapter``) or by :func:`export_trained`.
+        directory: the folder written by a training run (``RUN/adapter``) or by :func:`export_trained`, or
+            a plain PEFT adapter folder.
         base_model: load the adapter onto this SAM instead of the one recorded at training time (for
-            example the same checkpoint at another path).
+            example the same checkpoint at another path); required for a plain PEFT folder.
 
     Returns:
         ``(model, task)``; ``model(pixel_values=x).pred_masks[:, 0]`` gives ``task.out_channels`` logits.
@@ -141,12 +153,14 @@ def load_trained(directory: str | Path, *, base_model: str | None = None) -> tup
     >>> model, task = load_trained("runs/polyp/adapter")  # doctest: +SKIP
     """
     directory = Path(directory)
+    if not (directory / TASK_FILE).is_file() and (directory / ADAPTER_CONFIG).is_file():
+        return load_peft_folder(directory, base_model=base_model)
     task = TaskInfo.read(directory)
     verify_weights(directory, task)
     method = get_method(task.method)
     if method.load is None or task.merged:
         model = load_sam(directory)
-        return model.eval(), task
+        return apply_task_settings(model, task).eval(), task
     source = base_model or task.base_model
     try:
         base = load_sam(source, image_size=task.image_size)
@@ -157,11 +171,63 @@ def load_trained(directory: str | Path, *, base_model: str | None = None) -> tup
     if task.mode == "multiclass":
         install_class_decoder(base, task.num_classes)
     model = method.load(base, directory, source)
+    return apply_task_settings(model, task).eval(), task
+
+
+def apply_task_settings(model: nn.Module, task: TaskInfo) -> nn.Module:
+    """Put a model in the state its task file records (in place): the single mask token for SAM 2 / SAM 3.
+
+    Args:
+        model: the base or trained model (a ``PeftModel`` too).
+        task: the task; ``task.single_mask_token`` turns SAM 2's / SAM 3's eval-time multimask fallback off.
+
+    >>> from convlora.models import random_sam, tiny_sam2_config
+    >>> task = TaskInfo("binary", 2, ["background", "object"], 256, "random", "decoder")
+    >>> apply_task_settings(random_sam(tiny_sam2_config()), task).mask_decoder.dynamic_multimask_via_stability
+    False
+    """
+    if task.single_mask_token:
+        prepare_model(model)
+    return model
+
+
+def load_peft_folder(directory: str | Path, *, base_model: str | None) -> tuple[nn.Module, TaskInfo]:
+    """A plain PEFT adapter folder (no ``convlora_task.json``) on ``base_model``, as a binary prompt-free task.
+
+    ``CONV_LORA`` and ``LORA`` adapters load with PEFT's ``PeftModel.from_pretrained`` after the same checks
+    as a run's export (every tensor must fit the base); the mask decoder saved with them
+    (``modules_to_save``) comes along. The task is binary at the base's image size, method ``conv_lora``
+    or ``lora``; nothing else is known about what the adapter was trained for.
+
+    Args:
+        directory: a folder holding ``adapter_config.json`` and ``adapter_model.safetensors``.
+        base_model: the SAM the adapter was trained on (embedded name, directory or hub id). The base
+            recorded in ``adapter_config.json`` is only named in the error when this is missing.
+
+    >>> model, task = load_peft_folder("my_adapter", base_model="facebook/sam-vit-base")  # doctest: +SKIP
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    method = method_for_adapter(config.peft_type, str(directory))
+    if base_model is None:
+        recorded = getattr(config, "base_model_name_or_path", None)
+        said = f"records base_model_name_or_path {recorded!r}" if recorded else "records no base model"
+        raise ValueError(
+            f"{directory} is a plain PEFT adapter folder (no {TASK_FILE}); pass base_model / --base-model, "
+            f"the SAM it was trained on (its {ADAPTER_CONFIG} {said})"
+        )
+    base = load_sam(base_model)
+    task = TaskInfo(
+        mode="binary",
+        num_classes=2,
+        class_names=["background", "object"],
+        image_size=family_of(base).image_size(base),
+        base_model=str(base_model),
+        method=method.name,
+        single_mask_token=False,  # nothing records convlora's task setting: the model behaves as stock PEFT loads it
+    )
+    model = method.load(base, directory, str(base_model))  # type: ignore[misc]  # adapter methods have a load
     return model.eval(), task
-
-
-# what each adapter method writes as `peft_type` in adapter_config.json
-_PEFT_TYPES = {"conv_lora": "CONV_LORA", "lora": "LORA"}
 
 
 def continue_from_export(
@@ -221,11 +287,9 @@ def continue_from_export(
     method = get_method(task.method)
     if method.uses_adapter:
         config = read_adapter_config(directory)
-        expected = _PEFT_TYPES[task.method]
-        if str(config.peft_type) != expected:
-            raise ValueError(
-                f"{where} is a {config.peft_type} adapter but method {task.method!r} needs a {expected} adapter"
-            )
+        expected, found = method.peft_type, str(getattr(config.peft_type, "value", config.peft_type))
+        if found != expected:  # str(PeftType.LORA) is "PeftType.LORA": compare the value
+            raise ValueError(f"{where} is a {found} adapter but method {task.method!r} needs a {expected} adapter")
         for key, value in (adapter_settings or {}).items():
             if hasattr(config, key) and getattr(config, key) != value:
                 raise ValueError(

@@ -92,7 +92,7 @@ def save_checkpoint(
         progress: JSON-able progress: epoch, step in epoch, global step, scheduler state, best metric ...
     """
     directory = Path(directory)
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, "checkpoint") as tmp:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         tensors, meta = _optimizer_to_files(optimizer)
         save_file(tensors, tmp / "optimizer.safetensors")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,12 +30,12 @@ from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
 from .._compat import forget_accelerate_settings
-from .._io import check_versioned, write_json
+from .._io import check_apart, check_versioned, owned_folder, write_json
 from ..data import build_datasets
 from ..models import count_parameters, family_of, load_sam, segmentation_logits
 from ..models.family import enable_gradient_checkpointing
 from ..tuner.moe import moe_aux_loss
-from .artifact import TaskInfo, continue_from_export, export_trained, load_trained
+from .artifact import TaskInfo, apply_task_settings, continue_from_export, export_trained, load_trained
 from .checkpoint import (
     checkpoint_dir,
     list_checkpoints,
@@ -285,6 +286,22 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
     >>> from convlora.training.config import load_config
     >>> result = train(load_config(overrides=["--data", "data/polyp", "--epochs", "3"]))  # doctest: +SKIP
     """
+    run_dir = Path(config.output_dir)
+    check_apart(
+        run_dir, {"data": config.data, "model": config.model, "init_adapter": config.init_adapter}, option="output_dir"
+    )
+    if not _is_main_process():  # the main process owns and locks the folder
+        return _train(config, show_progress)
+    with owned_folder(run_dir, "run", "train", option="output_dir"):
+        return _train(config, show_progress)
+
+
+def _is_main_process() -> bool:
+    """Whether this is the first process of the job (``accelerate launch`` / torchrun set ``RANK``)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _train(config: TrainConfig, show_progress: bool) -> TrainResult:
     run = _start(config, show_progress)
     while run.state.global_step < run.total_steps and run.state.epoch < config.epochs:
         _train_epoch(run)
@@ -345,6 +362,7 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
         image_reading=data.image_reading,
         prompt=prompt.kind,
     )
+    apply_task_settings(base, task)  # evaluate on the mask token that training uses (SAM 2 / SAM 3)
     data.set_image_size(image_size, family.input_format)
     adapter_config = config.adapter_config() if METHODS[config.method].uses_adapter else None
     if config.init_adapter is not None:

@@ -44,6 +44,8 @@ class Method:
         load: ``(base, folder, source) -> model`` puts exported weights back onto ``base``; ``None`` for a
             method whose export is a whole model (loaded without a base).
         description: one line for help texts.
+        peft_type: the ``peft_type`` its ``adapter_config.json`` records (adapter methods only); a plain PEFT
+            adapter folder of that type loads as this method.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Method:
     export: Callable[[nn.Module, Path], None]
     load: Callable[[nn.Module, Path, str], nn.Module] | None
     description: str
+    peft_type: str | None = None
 
 
 def _build_decoder(base: nn.Module, adapter_config: Any) -> nn.Module:
@@ -107,9 +110,9 @@ def _load_decoder(base: nn.Module, folder: Path, source: str) -> nn.Module:
 
 METHODS: dict[str, Method] = {
     "conv_lora": Method("conv_lora", True, apply_conv_lora, _export_adapter, _load_adapter,
-                        "Conv-LoRA adapters on the image encoder + the mask decoder"),
+                        "Conv-LoRA adapters on the image encoder + the mask decoder", peft_type="CONV_LORA"),
     "lora": Method("lora", True, apply_lora, _export_adapter, _load_adapter,
-                   "PEFT's LoRA with the same targets and rank + the mask decoder"),
+                   "PEFT's LoRA with the same targets and rank + the mask decoder", peft_type="LORA"),
     "decoder": Method("decoder", False, _build_decoder, _export_decoder, _load_decoder, "the mask decoder only"),
     "full": Method("full", False, _build_full, write_merged, None, "every weight"),
 }  # fmt: skip
@@ -120,6 +123,24 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"Unknown method {name!r}; choose one of {sorted(METHODS)}")
     return METHODS[name]
+
+
+def method_for_adapter(peft_type: Any, where: str) -> Method:
+    """The adapter method whose adapters have ``peft_type`` (``"CONV_LORA"``, ``"LORA"``), with a clear error.
+
+    Args:
+        peft_type: ``PeftConfig.peft_type`` (a ``PeftType`` member or its string).
+        where: what to name in the error (the adapter folder).
+
+    >>> method_for_adapter("CONV_LORA", "adapter").name
+    'conv_lora'
+    """
+    value = str(getattr(peft_type, "value", peft_type))
+    for method in METHODS.values():
+        if method.peft_type is not None and method.peft_type == value:
+            return method
+    known = sorted(method.peft_type for method in METHODS.values() if method.peft_type is not None)
+    raise ValueError(f"{where} holds a {value} adapter; convlora loads {' and '.join(known)} adapters")
 
 
 def freeze_unused_decoder_parts(model: nn.Module, mode: str) -> list[str]:

@@ -22,6 +22,7 @@ region with the previous logits as a mask prompt.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -219,7 +220,8 @@ def predict_prompts(
     """Logits ``(n, h, w)`` at the original size and scores ``(n,)`` of ``n`` prompts on one image.
 
     The image is encoded once. With ``multimask`` (by default: for prompts that are a single point) SAM's
-    three masks are predicted and the one with the highest IoU estimate is kept.
+    three masks are predicted and the one with the highest IoU estimate is kept. All ``n`` masks are held
+    at the original size: for thousands of prompts, use :func:`iter_predict_prompts`.
 
     Args:
         model: a SAM model (binary fine-tune or base).
@@ -236,32 +238,80 @@ def predict_prompts(
     >>> logits.shape, scores.shape
     (torch.Size([1, 30, 40]), torch.Size([1]))
     """
-    device = pixel_values.device
-    count = len(prompts)
     height, width = info.original_size
-    if count == 0:
+    chunks = list(iter_predict_prompts(model, pixel_values, info, prompts, multimask=multimask))
+    if not chunks:
         return torch.zeros(0, height, width), torch.zeros(0)
+    return torch.cat([logits for logits, _ in chunks]), torch.cat([scores for _, scores in chunks])
+
+
+# Masks at the original size held at once while decoding prompts: about 256 MiB of float logits.
+CHUNK_PIXELS = 2**26
+
+
+@torch.no_grad()
+def iter_predict_prompts(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    info: ResizeInfo,
+    prompts: Prompts,
+    *,
+    multimask: bool | None = None,
+    max_chunk: int = 64,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`predict_prompts` in bounded chunks: yields ``(logits (c, h, w), scores (c,))`` in prompt order.
+
+    The image is encoded once; the prompts are decoded at most ``max_chunk`` at a time, and fewer on large
+    images, so that memory stays flat however many prompts there are (write each chunk's masks, then drop it).
+
+    Args:
+        model: a SAM model (binary fine-tune or base).
+        pixel_values: ``(3, S, S)`` preprocessed image.
+        info: its :class:`ResizeInfo`.
+        prompts: prompts in the image's original pixels.
+        multimask: see :func:`predict_prompts`.
+        max_chunk: the most prompts decoded together.
+    """
+    count = len(prompts)
+    if count == 0:
+        return
+    height, width = info.original_size
+    device = pixel_values.device
+    size = max(1, min(max_chunk, CHUNK_PIXELS // max(1, height * width)))
     embeddings = encode_images(model, pixel_values[None])
-    framed = prompt_tensors(to_input_frame(prompts, info), device)
-    index = torch.zeros(count, dtype=torch.int64, device=device)
-    ambiguous = torch.as_tensor(prompts.single_point, device=device)
     side = _coarsest(embeddings).shape[-1] * 4
-    logits = torch.zeros(count, side, side, device=device)
-    scores = torch.zeros(count, device=device)
-    if multimask is None:
-        groups = [(~ambiguous, False), (ambiguous, True)]
-    else:
-        groups = [(torch.ones(count, dtype=torch.bool, device=device), multimask)]
-    for rows, multi in groups:
-        if not bool(rows.any()):
-            continue
-        selected = {k: v[rows] if v is not None else None for k, v in framed.items()}
-        low, iou = decode_prompts(model, embeddings, index[rows], multimask=multi, **selected)
-        best = iou.argmax(dim=1)  # (r,) the mask SAM rates best
-        logits[rows] = low[torch.arange(low.shape[0], device=device), best].float()
-        scores[rows] = iou.gather(1, best[:, None])[:, 0].float()
-    full = postprocess_masks(logits[:, None].float().cpu(), info)[:, 0]  # (n, h, w)
-    return full, scores.float().cpu()
+    for start in range(0, count, size):
+        part = slice_prompts(prompts, slice(start, min(count, start + size)))
+        rows_count = len(part)
+        framed = prompt_tensors(to_input_frame(part, info), device)
+        index = torch.zeros(rows_count, dtype=torch.int64, device=device)
+        ambiguous = torch.as_tensor(part.single_point, device=device)
+        logits = torch.zeros(rows_count, side, side, device=device)
+        scores = torch.zeros(rows_count, device=device)
+        if multimask is None:
+            groups = [(~ambiguous, False), (ambiguous, True)]
+        else:
+            groups = [(torch.ones(rows_count, dtype=torch.bool, device=device), multimask)]
+        for rows, multi in groups:
+            if not bool(rows.any()):
+                continue
+            selected = {k: v[rows] if v is not None else None for k, v in framed.items()}
+            low, iou = decode_prompts(model, embeddings, index[rows], multimask=multi, **selected)
+            best = iou.argmax(dim=1)  # (r,) the mask SAM rates best
+            logits[rows] = low[torch.arange(low.shape[0], device=device), best].float()
+            scores[rows] = iou.gather(1, best[:, None])[:, 0].float()
+        full = postprocess_masks(logits[:, None].float().cpu(), info)[:, 0]  # (c, h, w)
+        yield full, scores.float().cpu()
+
+
+def slice_prompts(prompts: Prompts, rows: slice) -> Prompts:
+    """The prompts ``rows`` of ``prompts`` (every field sliced alike).
+
+    >>> len(slice_prompts(Prompts(boxes=np.zeros((5, 4))), slice(1, 3)))
+    2
+    """
+    fields = (prompts.boxes, prompts.points, prompts.point_labels)
+    return Prompts(*(None if value is None else value[rows] for value in fields))
 
 
 def prepare_prompted_model(model: nn.Module, config: PromptConfig) -> list[str]:

@@ -2,11 +2,19 @@
 
 ``ConvLoraMergedLinear`` is an ``nn.Linear`` whose weight holds ``W + (alpha / r) B A`` and which still
 runs the (non-linear) conv path as a small frozen side branch ``B' MoE(A x)`` with ``B' = (alpha / r) B``.
+
+transformers' checkpoint format cannot hold those branches: ``SamModel.from_pretrained`` would load the
+folded weights, drop the branches with nothing but an "unexpected keys" report and give other masks. So the
+model ``merge_and_unload`` returns gets a :class:`MergedSavePretrained` as its ``save_pretrained``: it
+writes convlora's merged layout through the writer ``convlora.models`` registers (tuner/ never imports
+models/), which stock transformers refuses to load and ``convlora.load_sam`` rebuilds exactly.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,3 +161,81 @@ class ConvLoraMergedLinear(nn.Linear):
                 flat = result.view(-1, result.shape[-1])
                 flat.addmm_(bottleneck.reshape(-1, bottleneck.shape[-1]), branch.up.weight.t())
         return result
+
+
+# The writer of convlora's merged layout, registered by convlora.models.merged_io (``(model, directory)``).
+_MERGED_SAVER: list[Callable[[nn.Module, Path], Any]] = []
+
+# transformers' save_pretrained options and the values under which the merged layout honours them.
+_SAVE_DEFAULTS: dict[str, Any] = {
+    "state_dict": None, "push_to_hub": False, "max_shard_size": "50GB", "variant": None, "token": None,
+    "save_peft_format": True, "save_original_format": True, "distributed_checkpoint": False,
+    "safe_serialization": True,
+}  # fmt: skip
+
+
+def register_merged_saver(saver: Callable[[nn.Module, Path], Any]) -> None:
+    """Set the function that writes a merged model's self-contained checkpoint (``convlora.models`` registers it).
+
+    Args:
+        saver: ``(model, directory)``; writes the whole folder atomically.
+
+    >>> register_merged_saver(_MERGED_SAVER[0]) if _MERGED_SAVER else None  # what convlora.models does on import
+    """
+    _MERGED_SAVER[:] = [saver]
+
+
+class MergedSavePretrained:
+    """``save_pretrained`` of a model that transformers' checkpoint format cannot hold (installed per instance).
+
+    Writes convlora's merged layout (``config.json`` with a ``convlora_merged`` block and
+    ``convlora_model.safetensors``, no ``model.safetensors``) into ``save_directory``, atomically: stock
+    ``from_pretrained`` refuses the folder, ``convlora.load_sam`` rebuilds the model exactly. It follows
+    ``copy.deepcopy`` and pickling (it holds the model, not a bound method); ``.to()`` / ``.eval()`` return the
+    same model. Options it cannot honour (``push_to_hub``, ``state_dict``, sharding, variants, ...) are refused.
+
+    Args:
+        model: the model whose ``save_pretrained`` this is.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory: str | Path, is_main_process: bool = True, **options: Any) -> None:
+        """Write the model's merged checkpoint to ``save_directory`` (on the main process only)."""
+        for key, value in options.items():
+            default = _SAVE_DEFAULTS.get(key, ...)
+            if not (value is default or (isinstance(value, (str, bool, int)) and value == default)):
+                shown = repr(value) if isinstance(value, (str, bool, int, float)) else type(value).__name__
+                raise ValueError(
+                    f"save_pretrained({key}={shown}) is not supported for {type(self.model).__name__}: its conv side "
+                    "branches or class decoder need convlora's own layout, written whole; save it with "
+                    "convlora.save_merged(model, directory) (and upload that folder yourself)"
+                )
+        if not is_main_process:
+            return
+        if not _MERGED_SAVER:
+            raise RuntimeError(
+                f"{type(self.model).__name__} needs convlora's merged layout; import convlora (or convlora.models), "
+                "which provides it, then call save_pretrained or convlora.save_merged again"
+            )
+        _MERGED_SAVER[0](self.model, Path(save_directory))
+
+    def __repr__(self) -> str:
+        return f"<convlora merged save_pretrained of {type(self.model).__name__}>"
+
+
+def guard_save_pretrained(model: nn.Module) -> nn.Module:
+    """Make ``model.save_pretrained`` write convlora's merged layout (see :class:`MergedSavePretrained`); returns it.
+
+    Args:
+        model: a merged model with conv side branches, or a model with convlora's class decoder.
+
+    >>> model = guard_save_pretrained(nn.Linear(2, 2))
+    >>> type(model.save_pretrained).__name__
+    'MergedSavePretrained'
+    """
+    current = model.__dict__.get("save_pretrained")
+    if not (isinstance(current, MergedSavePretrained) and current.model is model):
+        object.__setattr__(model, "save_pretrained", MergedSavePretrained(model))
+    return model
