@@ -19,7 +19,7 @@ from .data import build_datasets
 from .models import family_of, load_sam
 from .recipes import recipe
 from .synthetic import write_dataset
-from .training.artifact import TaskInfo
+from .training.artifact import TaskInfo, apply_task_settings
 from .training.config import load_config
 from .training.engine import train
 from .training.evaluate import evaluate_split
@@ -125,12 +125,13 @@ def zero_shot_metrics(config: Any) -> dict[str, float]:
     data.set_image_size(size, family_of(base).input_format)
     split = data.test if data.test is not None else data.val
     prompt = config.prompt_config()
-    if prompt.prompted:
-        return evaluate_prompted(base.eval(), split, prompt)
     task = TaskInfo(
         data.mode, data.num_classes, list(data.class_names), size, config.model, "decoder",
         image_reading=data.image_reading,
     )  # fmt: skip
+    apply_task_settings(base, task)  # decoded as the fine-tune is (SAM 2 / 3: the single mask token)
+    if prompt.prompted:
+        return evaluate_prompted(base.eval(), split, prompt)
     model = build_task_model(base, task).eval()
     return evaluate_split(model, split, data, None, batch_size=config.batch_size)
 
