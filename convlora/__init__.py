@@ -5,7 +5,10 @@
 >>> model = apply_conv_lora(SamModel(tiny_sam_config()), ConvLoraConfig(r=2, num_experts=2))
 """
 
+from typing import Any
+
 from ._version import __version__
+from .artifact import TaskInfo, load_trained
 from .deploy import export_onnx
 from .inference import Segmenter, evaluate, merge_model, predict_folder
 from .models import (
@@ -23,7 +26,6 @@ from .models import (
     save_merged,
     tiny_sam_config,
 )
-from .training import TaskInfo, TrainConfig, TrainResult, load_config, load_trained, train
 from .tuner import (
     TARGET_PRESETS,
     ConvExpertMixture,
@@ -68,3 +70,14 @@ __all__ = [
     "tiny_sam_config",
     "train",
 ]
+
+# The training engine (and Accelerate with it) loads on first use, so that using a trained model never does.
+_TRAINING = {"TrainConfig": "config", "load_config": "config", "TrainResult": "engine", "train": "engine"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRAINING:
+        import importlib
+
+        return getattr(importlib.import_module(f".training.{_TRAINING[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,8 +46,8 @@ import torch
 from torch import nn
 
 from ._io import atomic_dir, check_apart, check_owned, write_json
+from .artifact import TaskInfo, load_trained
 from .models import family_of, find_sam, segmentation_logits
-from .training.artifact import TaskInfo, load_trained
 from .tuner.moe import set_routing
 
 # Families whose export is tested (see tests/test_onnx.py); others are refused by name.

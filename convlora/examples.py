@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from ._io import write_json
+from .artifact import TaskInfo, apply_task_settings
+from .artifact.methods import build_task_model
 from .data import build_datasets
+from .evaluation.evaluate import evaluate_split
+from .evaluation.prompted import evaluate_prompted
 from .models import family_of, load_sam
 from .recipes import recipe
 from .synthetic import write_dataset
-from .training.artifact import TaskInfo, apply_task_settings
 from .training.config import load_config
 from .training.engine import train
-from .training.evaluate import evaluate_split
-from .training.methods import build_task_model
-from .training.prompted import evaluate_prompted
 
 
 def build_parser(domain: str, description: str | None = None) -> argparse.ArgumentParser:

@@ -28,27 +28,28 @@ from PIL import Image, ImageDraw, ImageOps
 from torch import nn
 
 from ._io import atomic_dir, atomic_file, check_apart, check_owned, owned_folder, write_json
+from .artifact import TASK_FILE, TaskInfo, load_trained, write_task_file
+from .artifact.methods import METHODS
 from .data import ImageReading, SegmentationDataset, check_dataset, read_image, read_image_size, to_rgb8
 from .data.prompt_files import PROMPT_KEYS, build_prompts, load_prompts
 from .data.prompts import PAD_LABEL, PromptConfig
+from .evaluation.evaluate import evaluate_split
+from .evaluation.metrics import build_metrics
+from .evaluation.prompted import evaluate_prompted
 from .models import family_of, load_sam, segmentation_logits
 from .models.adapter_check import ADAPTER_CONFIG
 from .models.merged_io import merged_extra_parameters, write_merged
 from .models.processing import (
     PALETTE,
     InputFormat,
+    logits_to_mask,
     overlay,
     postprocess_masks,
     preprocess,
     preprocess_batch,
     save_mask_png,
 )
-from .training.artifact import TASK_FILE, TaskInfo, load_trained, write_task_file
-from .training.evaluate import evaluate_split
-from .training.methods import METHODS
-from .training.metrics import build_metrics
-from .training.prompted import evaluate_prompted, iter_predict_prompts, predict_prompts
-from .training.report import logits_to_mask
+from .prompting import iter_predict_prompts, predict_prompts
 
 # one image: a file, a PIL image, or an array (h, w) / (h, w, 3) / (h, w, 4); a list or tuple of them is a batch
 ImageInput = np.ndarray | str | Path | Image.Image
@@ -86,7 +87,7 @@ class Segmenter:
 
         A plain PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, as
         ``peft_model.save_pretrained`` writes them) loads onto ``base_model`` as a binary prompt-free
-        segmenter (see :func:`~convlora.training.artifact.load_peft_folder`). Any other folder without
+        segmenter (see :func:`~convlora.artifact.load_peft_folder`). Any other folder without
         ``convlora_task.json`` (a SAM checkpoint directory), an embedded name such as ``"convlora-tiny"``
         or a hub id gives the base SAM as a binary segmenter: meant for prompts (the vanilla side of a
         vanilla-vs-fine-tuned comparison).

@@ -1,12 +1,15 @@
 """convlora's own import graph: no cycles, and every import points down the layers of the package.
 
 The layers, bottom to top: private plumbing (``_io``, ``_compat``) -> ``tuner`` (the PEFT method) -> ``models``
-(families) -> ``data`` / ``synthetic`` -> ``training`` -> ``inference`` / ``recipes`` -> ``examples`` /
+(families) -> ``data`` / ``synthetic`` -> ``artifact`` (trained folders, methods) / ``prompting`` / ``evaluation``
+-> ``training`` -> ``inference`` / ``recipes`` -> ``examples`` /
 ``bench`` / ``deploy`` -> ``cli`` -> the package's ``__init__``. Imports inside functions count as well:
 hiding an import in a function is no way around a cycle.
 """
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "convlora"
@@ -19,6 +22,8 @@ LAYERS = {
     "models": 2,
     "data": 3,
     "synthetic": 3,
+    "artifact": 4,
+    "prompting": 4,
     "evaluation": 4,
     "training": 5,
     "inference": 6,
@@ -128,3 +133,34 @@ def test_the_tuner_imports_nothing_of_convlora_but_itself_and_private_plumbing()
         if not target.startswith(("convlora.tuner", "convlora._io", "convlora._compat"))
     )
     assert outside == []
+
+
+def reachable(graph_: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through other modules."""
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph_[todo.pop()]:
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_using_a_trained_model_never_reaches_the_training_engine():
+    """inference.py and deploy.py import nothing of convlora.training, directly or through another module."""
+    edges = graph()
+    for module in ("convlora.inference", "convlora.deploy", "convlora.artifact", "convlora.evaluation"):
+        assert sorted(m for m in reachable(edges, module) if m.startswith("convlora.training")) == [], module
+
+
+def test_importing_inference_and_deploy_loads_no_training_module():
+    """Also at run time, through the package's own __init__ (the engine's names load on first use)."""
+    code = (
+        "import sys, convlora.inference, convlora.deploy; "
+        "print(sorted(m for m in sys.modules if m.startswith('convlora.training')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    code = "import convlora; print(convlora.train.__module__, convlora.TrainConfig.__module__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["convlora.training.engine", "convlora.training.config"]

@@ -118,7 +118,7 @@ def test_transformers_adapter_methods_on_a_plain_sam_match_peft_in_a_fresh_proce
 
 
 def test_an_exported_adapter_continues_training_with_exactly_its_saved_weights(make_sam, tmp_path):
-    from convlora.training.artifact import TaskInfo, continue_from_export
+    from convlora.artifact import TaskInfo, continue_from_export
 
     trained_adapter(make_sam, tmp_path / "adapter", seed=4)
     saved = PeftModel.from_pretrained(make_sam(), str(tmp_path / "adapter"))
@@ -135,7 +135,7 @@ def test_an_exported_adapter_continues_training_with_exactly_its_saved_weights(m
 
 
 def test_continuing_from_an_adapter_of_another_method_is_refused(make_sam, tmp_path):
-    from convlora.training.artifact import TaskInfo, continue_from_export
+    from convlora.artifact import TaskInfo, continue_from_export
 
     trained_adapter(make_sam, tmp_path / "adapter", seed=5)
     task = TaskInfo("binary", 2, ["background", "object"], 64, "random", "lora")
@@ -167,7 +167,7 @@ def front_matter(card: str) -> dict:
 def test_the_model_card_starts_with_the_hub_metadata_header(method, base, expected):
     from types import SimpleNamespace
 
-    from convlora.training.artifact import TaskInfo
+    from convlora.artifact import TaskInfo
     from convlora.training.report import model_card
 
     task = TaskInfo("binary", 2, ["background", "polyp"], 64, base, method)
@@ -186,7 +186,7 @@ def test_the_model_card_starts_with_the_hub_metadata_header(method, base, expect
 def test_a_multiclass_card_is_tagged_semantic_and_keeps_odd_characters_in_yaml():
     from types import SimpleNamespace
 
-    from convlora.training.artifact import TaskInfo
+    from convlora.artifact import TaskInfo
     from convlora.training.report import model_card
 
     task = TaskInfo("multiclass", 3, ["bg", "road", "car"], 64, "facebook/sam-vit-base", "conv_lora")
@@ -197,9 +197,9 @@ def test_a_multiclass_card_is_tagged_semantic_and_keeps_odd_characters_in_yaml()
 
 
 def test_a_decoder_only_export_continues_with_its_decoder_weights_trainable(make_sam, tmp_path):
+    from convlora.artifact import TaskInfo, continue_from_export, export_trained
+    from convlora.artifact.methods import build_task_model
     from convlora.models import find_sam
-    from convlora.training.artifact import TaskInfo, continue_from_export, export_trained
-    from convlora.training.methods import build_task_model
 
     task = TaskInfo("binary", 2, ["background", "object"], 64, "random", "decoder")
     trained = build_task_model(make_sam(), task)
@@ -216,7 +216,7 @@ def test_a_decoder_only_export_continues_with_its_decoder_weights_trainable(make
 
 
 def test_continuing_an_export_of_another_task_or_base_is_refused_naming_both(make_sam, tmp_path):
-    from convlora.training.artifact import TaskInfo, continue_from_export, export_trained
+    from convlora.artifact import TaskInfo, continue_from_export, export_trained
 
     task = TaskInfo("binary", 2, ["background", "object"], 64, "random", "conv_lora")
     model = apply_conv_lora(make_sam(), ConvLoraConfig(r=2, num_experts=2))

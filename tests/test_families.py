@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from convlora import ConvLoraConfig
+from convlora.artifact.methods import METHODS
 from convlora.models import apply_conv_lora, install_class_decoder, random_sam, tiny_sam_config
 from convlora.models.family import (
     FAMILIES,
@@ -33,7 +34,6 @@ from convlora.models.loading import load_sam, resize_model
 from convlora.models.merged_io import save_merged
 from convlora.models.sam2 import tiny_sam2_config
 from convlora.models.sam3 import tiny_sam3_config
-from convlora.training.methods import METHODS
 from convlora.tuner.layer import ConvLoraLinear
 from convlora.tuner.presets import FAMILY_PRESETS, target_modules_pattern
 
@@ -163,7 +163,7 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_families import CASES, make_base, make_images, logits
-from convlora.training.methods import METHODS
+from convlora.artifact.methods import METHODS
 out = {{}}
 for family, method in CASES:
     model = METHODS[method].load(make_base(family), Path({root!r}) / f"{{family}}-{{method}}", "base")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from convlora.training.metrics import (
+from convlora.evaluation.metrics import (
     HIGHER_IS_BETTER,
     MAIN_METRICS,
     BinaryMetrics,

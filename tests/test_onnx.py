@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from convlora.artifact import TaskInfo, export_trained, load_trained
 from convlora.cli import main
 from convlora.deploy import DEPLOY_FILE, _export, _Graph, _max_diff, export_model, export_onnx, exportable
 from convlora.inference import merge_model
@@ -28,7 +29,6 @@ from convlora.models import (
     tiny_sam_config,
 )
 from convlora.models.processing import IMAGENET_MEAN, IMAGENET_STD, preprocess
-from convlora.training.artifact import TaskInfo, export_trained, load_trained
 from convlora.tuner.config import ConvLoraConfig
 from convlora.tuner.moe import ConvExpertMixture
 

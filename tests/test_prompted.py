@@ -7,15 +7,18 @@ import pytest
 import torch
 from PIL import Image
 
+from convlora.artifact import TaskInfo, export_trained
+from convlora.artifact.methods import build_task_model
 from convlora.cli import main
 from convlora.data.prompts import PromptConfig, Prompts
+from convlora.evaluation import prompted as evaluation_prompted
+from convlora.evaluation.prompted import evaluate_prompted
 from convlora.inference import Segmenter, base_task
 from convlora.models import apply_conv_lora, find_sam, load_sam, random_sam, tiny_sam_config
 from convlora.models.processing import postprocess_masks, preprocess
+from convlora.prompting import encode_images
 from convlora.training import prompted
-from convlora.training.artifact import TaskInfo, export_trained
-from convlora.training.methods import build_task_model
-from convlora.training.prompted import PromptedStep, encode_images, evaluate_prompted, prepare_prompted_model
+from convlora.training.prompted import PromptedStep, prepare_prompted_model
 from convlora.tuner.config import ConvLoraConfig
 
 
@@ -312,13 +315,13 @@ def test_prompted_evaluation_uses_the_same_prompts_for_every_model(monkeypatch):
         mask[5 + i : 30, 10:40] = 1
     masks[2][:] = 0  # an image without objects
     seen = []
-    original = prompted.predict_prompts
+    original = evaluation_prompted.predict_prompts
 
     def spy(model, pixel_values, info, prompts, **kwargs):
         seen.append(prompts.points.copy())
         return original(model, pixel_values, info, prompts, **kwargs)
 
-    monkeypatch.setattr(prompted, "predict_prompts", spy)
+    monkeypatch.setattr(evaluation_prompted, "predict_prompts", spy)
     dataset = _Labelled(images, masks)
     config = PromptConfig(kind="point", num_negative=1, seed=3)
     first = evaluate_prompted(random_sam(tiny_sam_config(), seed=0), dataset, config)
@@ -331,9 +334,9 @@ def test_prompted_evaluation_uses_the_same_prompts_for_every_model(monkeypatch):
 
 def test_prompted_masks_become_the_task_prediction_per_class():
     logits = torch.tensor([[[5.0, -5.0, -1.0]], [[2.0, 3.0, -2.0]]])  # two objects, (n, 1, 3)
-    binary = prompted._image_logits(logits, np.array([1, 1]), "binary", 2)
+    binary = evaluation_prompted._image_logits(logits, np.array([1, 1]), "binary", 2)
     assert binary.tolist() == [[[[5.0, 3.0, -1.0]]]]
-    classes = prompted._image_logits(logits, np.array([2, 1]), "multiclass", 3)
+    classes = evaluation_prompted._image_logits(logits, np.array([2, 1]), "multiclass", 3)
     assert classes.argmax(dim=1).tolist() == [[[2, 1, 0]]]
 
 
@@ -454,8 +457,8 @@ def test_cli_predict_reads_a_coco_file_as_box_prompts(tmp_path):
 @pytest.mark.slow
 def test_the_engine_trains_with_box_prompts_and_the_result_beats_the_base_under_the_same_boxes(tmp_path):
     from convlora import evaluate, load_config, train
+    from convlora.artifact import TaskInfo as SavedTask
     from convlora.synthetic import write_dataset
-    from convlora.training.artifact import TaskInfo as SavedTask
 
     data = write_dataset("polyp", tmp_path / "polyp", train=12, val=2, test=8, size=128, seed=0)
     config = load_config(

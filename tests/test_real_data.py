@@ -14,6 +14,7 @@ import tifffile
 import torch
 from PIL import Image
 
+from convlora.artifact import TASK_FILE, TaskInfo
 from convlora.data import (
     DatasetError,
     ImageReading,
@@ -31,7 +32,6 @@ from convlora.data import (
     to_rgb8,
 )
 from convlora.inference import Segmenter
-from convlora.training.artifact import TASK_FILE, TaskInfo
 from convlora.training.config import load_config
 
 

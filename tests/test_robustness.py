@@ -35,16 +35,16 @@ import convlora.training.checkpoint
 import convlora.training.losses
 from convlora import Segmenter, load_sam, load_trained
 from convlora._io import LOCK_FILE, OUTPUT_MARKER, WriteError, sha256_file
+from convlora.artifact import TASK_FILE, TaskInfo, export_trained
+from convlora.artifact.methods import build_task_model
 from convlora.cli import main
 from convlora.data import DatasetError, SegmentationDataset, load_datasets
 from convlora.inference import merge_model
 from convlora.models import random_sam, tiny_sam_config
 from convlora.models.adapter_check import check_adapter_matches
-from convlora.training.artifact import TASK_FILE, TaskInfo, export_trained
 from convlora.training.checkpoint import list_checkpoints
 from convlora.training.config import load_config
 from convlora.training.engine import TrainingError, train
-from convlora.training.methods import build_task_model
 from convlora.tuner.config import ConvLoraConfig
 
 PACKAGE = Path(convlora.__file__).parent

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from convlora import Segmenter
+from convlora.artifact import TaskInfo, continue_from_export
 from convlora.cli import main
 from convlora.inference import evaluate
 from convlora.models import load_sam, random_sam, tiny_sam_config
 from convlora.synthetic import write_dataset
-from convlora.training.artifact import TaskInfo, continue_from_export
 from convlora.training.config import load_config
 from convlora.training.engine import epoch_order, train
 
@@ -67,7 +67,7 @@ def test_evaluate_matches_a_direct_computation_and_merge_keeps_predictions(works
     scores = evaluate(run / "adapter", workspace / "polyp")
     # direct computation: the segmenter's masks at original size against the test masks
     from convlora.data import read_image, read_mask
-    from convlora.training.metrics import BinaryMetrics
+    from convlora.evaluation.metrics import BinaryMetrics
 
     segmenter = Segmenter.from_pretrained(run / "adapter")
     direct = BinaryMetrics()

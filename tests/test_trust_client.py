@@ -8,13 +8,13 @@ import torch
 from PIL import Image
 
 from convlora import ConvLoraConfig, apply_conv_lora
+from convlora.artifact import load_trained
 from convlora.cli import main
 from convlora.data import read_image
 from convlora.data.prompt_files import build_prompts
 from convlora.inference import Segmenter, base_task
 from convlora.models import find_sam, load_sam
 from convlora.models.adapters import apply_lora
-from convlora.training.artifact import load_trained
 
 
 def picture(height: int = 120, width: int = 160, seed: int = 0) -> np.ndarray:

@@ -30,12 +30,12 @@ from convlora._io import (
     owned_folder,
     remove_stale_temporaries,
 )
+from convlora.artifact import TaskInfo, export_trained
+from convlora.artifact.methods import build_task_model
 from convlora.cli import error_text, main
 from convlora.inference import PROGRESS_FILE, predict_folder
 from convlora.models import load_sam
-from convlora.training.artifact import TaskInfo, export_trained
-from convlora.training.methods import build_task_model
-from convlora.training.prompted import iter_predict_prompts, predict_prompts
+from convlora.prompting import iter_predict_prompts, predict_prompts
 from convlora.tuner import ConvLoraConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,13 +16,13 @@ from peft import PeftModel, get_peft_model
 from transformers import SamModel
 
 from convlora import ConvLoraConfig, Segmenter, apply_conv_lora, load_sam
+from convlora.artifact import TASK_FILE, TaskInfo, export_trained, load_trained
+from convlora.artifact.methods import METHODS
 from convlora.models import apply_lora, install_class_decoder, random_sam, tiny_sam_config
 from convlora.models.family import find_sam, model_class, prepare_model, segmentation_logits
 from convlora.models.merged_io import MERGED_WEIGHTS_NAME
 from convlora.models.sam2 import tiny_sam2_config
 from convlora.models.sam3 import tiny_sam3_config
-from convlora.training.artifact import TASK_FILE, TaskInfo, export_trained, load_trained
-from convlora.training.methods import METHODS
 from convlora.tuner.merged import ConvLoraMergedLinear
 
 

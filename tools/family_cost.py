@@ -49,14 +49,14 @@ def measure_arm(spec: dict[str, Any]) -> dict[str, Any]:
     """Time ``spec["steps"]`` training steps of one method on one model (run in a fresh process)."""
     import torch
 
+    from convlora.artifact import TaskInfo
+    from convlora.artifact.methods import build_task_model
     from convlora.bench.environment import load_average, set_threads
     from convlora.bench.measure import _peak_rss_bytes, _rss_bytes
     from convlora.models import count_parameters, family_of
     from convlora.models.family import enable_gradient_checkpointing
-    from convlora.training.artifact import TaskInfo
     from convlora.training.engine import TrainStep
     from convlora.training.losses import build_loss
-    from convlora.training.methods import build_task_model
     from convlora.tuner.config import ConvLoraConfig
 
     set_threads(int(spec["threads"]))

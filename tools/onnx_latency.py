@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from convlora._io import write_json
+from convlora.artifact import TaskInfo
 from convlora.bench.environment import load_average, machine, set_threads, versions
 from convlora.bench.measure import build_base
 from convlora.deploy import export_model, exportable
 from convlora.models import apply_conv_lora, segmentation_logits
-from convlora.training.artifact import TaskInfo
 from convlora.tuner.config import ConvLoraConfig
 from convlora.tuner.moe import set_routing
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..artifact.methods import METHODS
 from ..recipes import RECIPES, recipe
-from ..training.methods import METHODS
 
 KINDS = ("quality", "cost")
 PRECISIONS = ("auto", "fp32", "bf16")

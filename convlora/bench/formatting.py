@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..training.metrics import higher_is_better
+from ..evaluation.metrics import higher_is_better
 
 ARROWS = {True: "↑", False: "↓"}
 

@@ -44,9 +44,9 @@ import torch
 from torch import nn
 
 from .._io import write_json
+from ..artifact.methods import METHODS
 from ..models import count_parameters, family_of, load_sam, random_sam, sam_config, tiny_sam_config
 from ..models.embedded import BASE_ARCHITECTURE
-from ..training.methods import METHODS
 from .environment import load_average, pick_device, pick_dtype, set_threads
 
 RANDOM_PREFIX = "random:"
@@ -149,10 +149,10 @@ def training_run(spec: dict[str, Any], method: str, device: torch.device, dtype:
     ...                    torch.device("cpu"), torch.float32)  # doctest: +SKIP
     >>> seconds = run["step"]()  # doctest: +SKIP
     """
-    from ..training.artifact import TaskInfo
+    from ..artifact import TaskInfo
+    from ..artifact.methods import build_task_model
     from ..training.engine import TrainStep
     from ..training.losses import build_loss
-    from ..training.methods import build_task_model
     from ..tuner.config import ConvLoraConfig
 
     torch.manual_seed(0)
@@ -205,7 +205,7 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
         spec: ``model``, ``method``, ``conv_lora`` (dict), ``image_size``, ``batch_size``, ``warmup_steps``,
             ``timed_steps``, ``device``, ``precision``.
     """
-    from ..training.artifact import export_trained
+    from ..artifact import export_trained
 
     device = pick_device(spec.get("device", "auto"))
     dtype = pick_dtype(spec.get("precision", "auto"), device)

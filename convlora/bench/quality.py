@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from .._io import folder_kind, write_json
+from ..artifact.methods import METHODS
+from ..evaluation.metrics import higher_is_better
 from ..examples import zero_shot_metrics
 from ..recipes import recipe
 from ..synthetic import write_dataset
 from ..training import load_config, train
-from ..training.methods import METHODS
-from ..training.metrics import higher_is_better
 from .environment import load_average
 from .experiments import Arm, QualityExperiment
 

@@ -1,7 +1,9 @@
-"""Evaluation below the training engine: metrics that score predictions, needing no model and no trainer.
+"""Evaluation below the training engine: the task metrics, instance metrics, and scoring a model on a dataset.
 
-Imports numpy, scipy and torch only (nothing from :mod:`convlora.training`), so predicting and scoring a
-trained model never loads the training stack.
+Nothing here imports :mod:`convlora.training`, so scoring a trained model (``convlora evaluate``) never loads
+the training stack; the engine uses the same code for validation. :mod:`~convlora.evaluation.metrics` and
+:mod:`~convlora.evaluation.instances` need no model; :mod:`~convlora.evaluation.evaluate` (prompt-free) and
+:mod:`~convlora.evaluation.prompted` run one.
 """
 
 from .instances import (

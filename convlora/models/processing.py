@@ -344,3 +344,10 @@ def save_mask_png(mask: np.ndarray | torch.Tensor, path: str | Path, binary: boo
     with atomic_file(path, "wb") as handle:
         picture.save(handle, format="PNG")
     return path
+
+
+def logits_to_mask(logits: torch.Tensor) -> torch.Tensor:
+    """``(b, 1, h, w)`` binary logits → 0/1; ``(b, k, h, w)`` class logits → class ids. Returns ``(b, h, w)``."""
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).long()
+    return logits.argmax(dim=1)

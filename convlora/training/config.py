@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from .methods import METHODS
+from ..artifact.methods import METHODS
 
 MODES = ("auto", "binary", "multiclass")
 PRECISIONS = ("no", "bf16", "fp16")

@@ -31,11 +31,15 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .._compat import forget_accelerate_settings
 from .._io import check_apart, check_versioned, owned_folder, write_json
+from ..artifact import TaskInfo, apply_task_settings, continue_from_export, export_trained, load_trained
+from ..artifact.methods import METHODS, build_task_model
 from ..data import build_datasets
+from ..evaluation.evaluate import evaluate_split
+from ..evaluation.metrics import default_metric, is_better
+from ..evaluation.prompted import evaluate_prompted
 from ..models import count_parameters, family_of, load_sam, segmentation_logits
 from ..models.family import enable_gradient_checkpointing
 from ..tuner.moe import moe_aux_loss
-from .artifact import TaskInfo, apply_task_settings, continue_from_export, export_trained, load_trained
 from .checkpoint import (
     checkpoint_dir,
     list_checkpoints,
@@ -45,12 +49,9 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, apply_resumed_settings, resolve_defaults, resume_config
-from .evaluate import evaluate_split
 from .losses import build_loss
-from .methods import METHODS, build_task_model
-from .metrics import default_metric, is_better
 from .progress import Progress
-from .prompted import PromptedStep, evaluate_prompted, prepare_prompted_model
+from .prompted import PromptedStep, prepare_prompted_model
 from .report import model_card, plot_curves, save_overlay_grid
 
 

@@ -13,9 +13,9 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .._io import atomic_file
+from ..artifact.methods import METHODS
 from ..models import segmentation_logits
-from ..models.processing import overlay
-from .methods import METHODS
+from ..models.processing import logits_to_mask, overlay
 
 
 def _subplots(rows: int, columns: int, figsize: tuple[float, float], squeeze: bool = True) -> tuple[Any, Any]:
@@ -82,13 +82,6 @@ def predict_masks(model: nn.Module, dataset: Any, indices: list[int]) -> list[np
     return masks
 
 
-def logits_to_mask(logits: torch.Tensor) -> torch.Tensor:
-    """``(b, 1, h, w)`` binary logits → 0/1; ``(b, k, h, w)`` class logits → class ids. Returns ``(b, h, w)``."""
-    if logits.shape[1] == 1:
-        return (logits[:, 0] > 0).long()
-    return logits.argmax(dim=1)
-
-
 def save_overlay_grid(model: nn.Module, dataset: Any, path: str | Path, count: int = 8) -> None:
     """A PNG grid of validation samples: image, ground truth overlay, prediction overlay."""
     indices = list(range(min(count, len(dataset))))
@@ -119,14 +112,14 @@ def card_metadata(task: Any, *, domain: str | None = None, license: str | None =
     """The Hugging Face Hub metadata of an exported model, written as the YAML header of its model card.
 
     Args:
-        task: the exported model's :class:`~convlora.training.artifact.TaskInfo`.
+        task: the exported model's :class:`~convlora.artifact.TaskInfo`.
         domain: what the data shows (``"polyp"``, ``"aerial"`` ...), added to the tags.
         license: the model's licence id; the base model's (Apache-2.0 for SAM and convlora's bases) or
             ``"unknown"`` when unset.
 
     ``base_model`` is given only for a Hub id (an embedded name or a local folder is no Hub model).
 
-    >>> from convlora.training.artifact import TaskInfo
+    >>> from convlora.artifact import TaskInfo
     >>> meta = card_metadata(TaskInfo("binary", 2, ["bg", "polyp"], 256, "facebook/sam-vit-base", "conv_lora"))
     >>> meta["library_name"], meta["base_model"], meta["pipeline_tag"], meta["license"]
     ('peft', 'facebook/sam-vit-base', 'mask-generation', 'apache-2.0')
@@ -164,14 +157,14 @@ def model_card(
     """The README.md written beside an exported model: Hub metadata header, what it is, its metrics, how to use it.
 
     Args:
-        task: the exported model's :class:`~convlora.training.artifact.TaskInfo`.
+        task: the exported model's :class:`~convlora.artifact.TaskInfo`.
         config: the run's (resolved) :class:`~convlora.training.config.TrainConfig`.
         scores: validation metrics of the exported model.
         domain: what the data shows, added to the Hub tags.
         license: the model's licence id (see :func:`card_metadata`).
 
     >>> from types import SimpleNamespace
-    >>> from convlora.training.artifact import TaskInfo
+    >>> from convlora.artifact import TaskInfo
     >>> task = TaskInfo("binary", 2, ["bg", "polyp"], 64, "convlora-tiny", "conv_lora")
     >>> card = model_card(task, SimpleNamespace(data="data/polyp", epochs=3, lr=2e-3, seed=0), {"iou": 0.5})
     >>> card.splitlines()[:3]

@@ -1,6 +1,6 @@
 """The trained artifact a run exports (``RUN/adapter``), and loading it back in one call.
 
-Every export holds the method's weights (see :mod:`convlora.training.methods`), ``convlora_task.json`` (mode,
+Every export holds the method's weights (see :mod:`convlora.artifact.methods`), ``convlora_task.json`` (mode,
 classes, image size, base model, method, weight hashes) so that :func:`load_trained` rebuilds the exact
 model, and a model card ``README.md``.
 """

@@ -185,7 +185,7 @@ def build_task_model(
         freeze_iou_head: freeze the decoder parts prompt-free training never uses.
 
     >>> from convlora.models import random_sam, tiny_sam_config
-    >>> from convlora.training.artifact import TaskInfo
+    >>> from convlora.artifact import TaskInfo
     >>> task = TaskInfo("binary", 2, ["background", "object"], 64, "random", "decoder")
     >>> model = build_task_model(random_sam(tiny_sam_config()), task)
     """
