@@ -1,4 +1,5 @@
-"""The one place that touches PEFT internals: registering a PEFT method that PEFT's enum does not list.
+"""The one place that touches private hooks of PEFT, transformers and torch; first of all, registering a PEFT
+method that PEFT's enum does not list.
 
 PEFT's public ``peft.utils.register_peft_method`` only accepts names already present in the closed
 ``PeftType`` enum. ``PeftType`` is a ``str`` enum, so its members hash and compare like their string
@@ -120,3 +121,23 @@ def forget_accelerate_settings() -> None:
         return
     AcceleratorState._reset_state()
     GradientState._reset_state()
+
+
+def checkpoint_block(block: Any) -> None:
+    """Make one of transformers' ``GradientCheckpointingLayer`` blocks recompute itself in the backward pass.
+
+    transformers switches blocks on through ``gradient_checkpointing_enable``, which some SAM classes refuse
+    (SAM 3); the block reads the private ``_gradient_checkpointing_func``. Non-reentrant checkpointing keeps
+    gradients reaching adapters inside the block.
+    """
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    block.gradient_checkpointing = True
+    block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+
+
+def set_last_lr(scheduler: Any, values: list[float]) -> None:
+    """Set what ``scheduler.get_last_lr()`` returns (torch keeps it in the private ``_last_lr``)."""
+    scheduler._last_lr = list(values)

@@ -20,7 +20,9 @@ def _add_params(subparsers: argparse._SubParsersAction) -> None:
         "meta device (nothing is allocated or downloaded), inject LoRA and Conv-LoRA with the given settings, "
         "and print their parameter counts as a Markdown table.",
     )
-    parser.add_argument("--family", choices=["sam", "sam2", "sam3"], default="sam", help="model family")
+    parser.add_argument(
+        "--family", default="sam", help="a model family with released variants: sam, sam2 or sam3 (default: sam)"
+    )
     parser.add_argument("--variants", nargs="+", default=None, help="variants (default: all of the family)")
     parser.add_argument("--preset", default=None, help="target preset of the family (default: qkv)")
     parser.add_argument("--r", type=int, default=None, help="LoRA rank (default: ConvLoraConfig's)")
@@ -31,7 +33,7 @@ def _add_params(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_params(args: argparse.Namespace) -> int:
     from .models import parameter_counts
-    from .models.params import FAMILY_VARIANTS
+    from .models.params import family_variants
     from .tuner.config import ConvLoraConfig
 
     overrides = {
@@ -42,7 +44,12 @@ def _run_params(args: argparse.Namespace) -> int:
         "family": args.family if args.preset else None,
     }
     config = ConvLoraConfig(**{k: v for k, v in overrides.items() if v is not None})
-    variants = args.variants or list(FAMILY_VARIANTS[args.family])
+    known = family_variants()
+    if args.family not in known:
+        raise ValueError(
+            f"--family must be one of {sorted(known)} (families with released variants), got {args.family!r}"
+        )
+    variants = args.variants or list(known[args.family])
     print(
         f"Settings: r={config.r}, lora_alpha={config.lora_alpha}, {config.num_experts} experts "
         f"(scales {config.expert_scales}), {config.expert_conv} 3x3 convs, targets: "
@@ -137,6 +144,7 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _metavar(annotation: object, choices: tuple[str, ...] | None) -> str:
+    import dataclasses
     import types
     import typing
 
@@ -144,7 +152,10 @@ def _metavar(annotation: object, choices: tuple[str, ...] | None) -> str:
         return "{" + ",".join(choices) + "}"
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     options = [a for a in typing.get_args(annotation) if a is not type(None)] if union else [annotation]
-    names = [_METAVARS.get(typing.get_origin(a) or a, "VALUE") for a in options]  # type: ignore[call-overload]
+    names = [
+        "JSON" if dataclasses.is_dataclass(a) else _METAVARS.get(typing.get_origin(a) or a, "VALUE")  # type: ignore[call-overload]
+        for a in options
+    ]
     return "|".join(dict.fromkeys(names))
 
 
@@ -162,16 +173,18 @@ def _default_text(f: object) -> str:
         return "default: unset"
     if isinstance(value, bool):
         return f"default: {str(value).lower()}"
+    if dataclasses.is_dataclass(value):  # nested settings
+        return f"default: {type(value).__name__}()"
     return f"default: {json.dumps(value) if isinstance(value, (dict, list)) else value}"
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .training.config import load_config
+    from .training.config import load_config_given
     from .training.engine import train
 
-    config = load_config(args.config, config_overrides(args) + args.overrides)
+    config, given = load_config_given(args.config, config_overrides(args) + args.overrides)
     try:
-        train(config, show_progress=not args.no_progress)
+        train(config, show_progress=not args.no_progress, given=given)
     finally:
         _close_process_group()
     return 0

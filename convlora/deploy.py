@@ -324,12 +324,12 @@ class PyramidPromptDecoder(PromptDecoder):
         return masks[:, 0], iou[:, 0], object_score[:, 0]
 
 
-# family -> (image encoder, prompt decoder) of the SAM-style split; a family without one exports model.onnx only.
+# ModelFamily.export_split -> (image encoder, prompt decoder) of the SAM-style split; a family without one
+# exports model.onnx only.
 SPLITS: dict[str, tuple[type[nn.Module], type[PromptDecoder]]] = {
-    "sam": (ImageEncoder, PromptDecoder),
-    "sam_hq": (HQImageEncoder, HQPromptDecoder),
-    "sam2": (PyramidImageEncoder, PyramidPromptDecoder),
-    "sam3": (PyramidImageEncoder, PyramidPromptDecoder),
+    "vit": (ImageEncoder, PromptDecoder),
+    "vit_hq": (HQImageEncoder, HQPromptDecoder),
+    "pyramid": (PyramidImageEncoder, PyramidPromptDecoder),
 }
 
 
@@ -427,9 +427,9 @@ def _max_diff(path: Path, graph: _Graph, expected: tuple[torch.Tensor, ...]) -> 
     return max(diffs)
 
 
-def _split_graphs(sam: nn.Module, family: str, pixels: torch.Tensor, size: int) -> dict[str, _Graph]:
-    """The image encoder and prompt decoder of ``family``'s SAM-style split, with example inputs."""
-    encoder_cls, decoder_cls = SPLITS[family]
+def _split_graphs(sam: nn.Module, split: str, pixels: torch.Tensor, size: int) -> dict[str, _Graph]:
+    """The image encoder and prompt decoder of a SAM-style ``split`` (a key of ``SPLITS``), with example inputs."""
+    encoder_cls, decoder_cls = SPLITS[split]
     encoder = encoder_cls(sam).eval()
     with torch.no_grad():
         features = encoder(pixels)
@@ -503,7 +503,7 @@ def deploy_description(
     size = task.image_size
     pad = family.input_format.pad_to_square
     used = {name for signature in (io or {}).values() for part in signature.values() for name in part}
-    decoder = SPLITS[family.name][1] if family.name in SPLITS else PromptDecoder
+    decoder = SPLITS[family.export_split][1] if family.export_split in SPLITS else PromptDecoder
     return {
         "format": "convlora-onnx",
         "format_version": DEPLOY_FORMAT_VERSION,
@@ -609,10 +609,10 @@ def export_model(
         skipped = "prompted=False (--no-prompted): the prompt-free model.onnx only"
     elif task.mode != "binary":
         skipped = f"a {task.mode} model's class-query decoder has no prompt input (binary tasks only)"
-    elif family.name not in SPLITS:
+    elif family.export_split not in SPLITS:
         skipped = f"family {family.name!r} has no SAM-style encoder / prompt decoder split"
     else:
-        graphs |= _split_graphs(sam, family.name, pixels, size)
+        graphs |= _split_graphs(sam, family.export_split, pixels, size)
     not_exported = {} if skipped is None else dict.fromkeys(("image_encoder.onnx", "prompt_decoder.onnx"), skipped)
     files = {name: f"{name}.onnx" for name in graphs}
     io: dict[str, Any] = {}

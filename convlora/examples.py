@@ -16,14 +16,14 @@ from typing import Any
 
 from ._io import write_json
 from .artifact import TaskInfo, apply_task_settings
-from .artifact.methods import build_task_model
+from .artifact.methods import METHODS, build_task_model
 from .data import build_datasets
 from .evaluation.evaluate import evaluate_split
 from .evaluation.prompted import evaluate_prompted
 from .models import family_of, load_sam
 from .recipes import recipe
 from .synthetic import write_dataset
-from .training.config import load_config
+from .training.config import load_config_given
 from .training.engine import train
 
 
@@ -38,7 +38,7 @@ def build_parser(domain: str, description: str | None = None) -> argparse.Argume
     parser.add_argument(
         "--model", default=None, help="SAM checkpoint (default: convlora-tiny, or SAM ViT-B with --data-dir)"
     )
-    parser.add_argument("--method", default="conv_lora", choices=["conv_lora", "lora", "decoder", "full"])
+    parser.add_argument("--method", default="conv_lora", choices=sorted(METHODS))
     parser.add_argument("--output-dir", default=None, help=f"run folder (default: runs/{domain})")
     parser.add_argument("--synthetic-dir", default=None, help=f"where generated data goes (default: data/{domain})")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
@@ -85,11 +85,11 @@ def run_example(domain: str, argv: Sequence[str] | None = None, description: str
         fields.update(epochs=1, batch_size=4, overlay_samples=2)
     if args.resume:
         fields["resume"] = "latest"
-    config = load_config(**fields)
+    config, given = load_config_given(**fields)
 
     started = time.time()
     zero_shot = zero_shot_metrics(config)
-    result = train(config)
+    result = train(config, given=given)
     comparison = {
         "domain": domain,
         "dataset": str(data),
@@ -124,7 +124,7 @@ def zero_shot_metrics(config: Any) -> dict[str, float]:
     size = family_of(base).image_size(base)
     data.set_image_size(size, family_of(base).input_format)
     split = data.test if data.test is not None else data.val
-    prompt = config.prompt_config()
+    prompt = config.prompting
     task = TaskInfo(
         data.mode, data.num_classes, list(data.class_names), size, config.model, "decoder",
         image_reading=data.image_reading,

@@ -802,8 +802,12 @@ def merge_model(model_path: str | Path, output_dir: str | Path, *, base_model: s
     check_apart(output_dir, {"--model": model_path, "--base-model": base_model})
     check_owned(output_dir, "model", option="--output")
     model, task = load_trained(model_path, base_model=base_model)
-    if not METHODS[task.method].uses_adapter:
-        raise ValueError(f"{model_path} was trained with method {task.method!r}; only adapters can be merged")
+    if not METHODS[task.method].mergeable:
+        mergeable = sorted(name for name, method in METHODS.items() if method.mergeable)
+        raise ValueError(
+            f"{model_path} was trained with method {task.method!r}, which has nothing to merge; merge works for "
+            f"{mergeable}"
+        )
     merged = model.merge_and_unload().eval()
     extra = merged_extra_parameters(merged)
     merged_task = TaskInfo(**{**task.to_dict(), "merged": True})

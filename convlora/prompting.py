@@ -22,11 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from einops import rearrange
 from torch import nn
 
 from .data.prompts import Prompts
-from .models import find_sam
+from .models import family_of, find_sam
 from .models.processing import ResizeInfo, postprocess_masks
 from .models.semantic import class_decoder_classes
 
@@ -67,29 +66,7 @@ def encode_images(model: nn.Module, pixel_values: torch.Tensor) -> ImageEmbeddin
     torch.Size([2, 16, 8, 8])
     """
     sam = check_promptable(model)
-    if hasattr(sam, "no_memory_embedding"):  # SAM 2 / SAM 3: the decoder reads a pyramid of feature maps
-        return {"image_embeddings": _feature_pyramid(sam, pixel_values)}
-    output = sam.vision_encoder(pixel_values)
-    embeddings: ImageEmbeddings = {"image_embeddings": output.last_hidden_state}  # (b, c, S/16, S/16)
-    intermediate = getattr(output, "intermediate_embeddings", None)
-    if intermediate is not None:  # SAM-HQ's decoder also reads early encoder features
-        embeddings["intermediate_embeddings"] = intermediate
-    return embeddings
-
-
-def _feature_pyramid(sam: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-    """SAM 2 / SAM 3 image embeddings as their ``get_image_embeddings`` builds them, but with gradients.
-
-    The last (coarsest) map gets the "no memory" embedding a single image is decoded with; every map comes
-    back as ``(b, c, h, w)``.
-    """
-    maps = list(sam.get_image_features(pixel_values, return_dict=True).fpn_hidden_states)  # each ((h w), b, c)
-    maps[-1] = maps[-1] + sam.no_memory_embedding
-    return [
-        rearrange(feature, "(h w) b c -> b c h w", h=size[0], w=size[1])
-        # SAM 3's encoder gives one map more than its decoder reads; zip keeps the ones it reads, as transformers does
-        for feature, size in zip(maps, sam.backbone_feature_sizes, strict=False)
-    ]
+    return family_of(sam).encode_image(sam, pixel_values)
 
 
 def coarsest(embeddings: ImageEmbeddings) -> torch.Tensor:

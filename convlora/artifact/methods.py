@@ -46,6 +46,13 @@ class Method:
         description: one line for help texts.
         peft_type: the ``peft_type`` its ``adapter_config.json`` records (adapter methods only); a plain PEFT
             adapter folder of that type loads as this method.
+        label: how tables and plots name it (``"Conv-LoRA"``).
+        colour: its colour in benchmark plots.
+        mergeable: whether ``convlora merge`` folds it into the base model.
+        merged_model: the architecture it runs at inference once merged (the cost benchmark's latency model):
+            ``"base"`` for methods that only change weights.
+        card_tags: Hub tags of its model card.
+        library: what loads its export (``"peft"``, ``"transformers"``), for the model card; ``None``: convlora.
     """
 
     name: str
@@ -55,6 +62,12 @@ class Method:
     load: Callable[[nn.Module, Path, str], nn.Module] | None
     description: str
     peft_type: str | None = None
+    label: str = ""
+    colour: str = "#9467bd"
+    mergeable: bool = False
+    merged_model: str = "base"
+    card_tags: tuple[str, ...] = ()
+    library: str | None = None
 
 
 def _build_decoder(base: nn.Module, adapter_config: Any) -> nn.Module:
@@ -109,12 +122,25 @@ def _load_decoder(base: nn.Module, folder: Path, source: str) -> nn.Module:
 
 
 METHODS: dict[str, Method] = {
-    "conv_lora": Method("conv_lora", True, apply_conv_lora, _export_adapter, _load_adapter,
-                        "Conv-LoRA adapters on the image encoder + the mask decoder", peft_type="CONV_LORA"),
-    "lora": Method("lora", True, apply_lora, _export_adapter, _load_adapter,
-                   "PEFT's LoRA with the same targets and rank + the mask decoder", peft_type="LORA"),
-    "decoder": Method("decoder", False, _build_decoder, _export_decoder, _load_decoder, "the mask decoder only"),
-    "full": Method("full", False, _build_full, write_merged, None, "every weight"),
+    "conv_lora": Method(
+        "conv_lora", True, apply_conv_lora, _export_adapter, _load_adapter,
+        "Conv-LoRA adapters on the image encoder + the mask decoder", peft_type="CONV_LORA", label="Conv-LoRA",
+        colour="#d62728", mergeable=True, merged_model="conv_lora_merged", card_tags=("conv-lora", "lora"),
+        library="peft",
+    ),
+    "lora": Method(
+        "lora", True, apply_lora, _export_adapter, _load_adapter,
+        "PEFT's LoRA with the same targets and rank + the mask decoder", peft_type="LORA", label="LoRA",
+        colour="#1f77b4", mergeable=True, merged_model="lora_merged", card_tags=("lora",), library="peft",
+    ),
+    "decoder": Method(
+        "decoder", False, _build_decoder, _export_decoder, _load_decoder, "the mask decoder only",
+        label="decoder-only", colour="#bcbd22", card_tags=("mask-decoder",),
+    ),
+    "full": Method(
+        "full", False, _build_full, write_merged, None, "every weight", label="full fine-tuning", colour="#7f7f7f",
+        library="transformers",
+    ),
 }  # fmt: skip
 
 

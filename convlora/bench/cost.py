@@ -26,12 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from .._io import write_json
+from ..artifact.methods import METHODS
 from .experiments import CostExperiment
 
 TRAIN_KEYS = ("trainable_parameters", "adapter_parameters", "artifact_bytes", "step_seconds", "peak_memory_bytes")
-# The model a method runs at inference time once merged: decoder-only and full fine-tuning change
-# weights only, so they run the base architecture.
-MERGED_MODEL = {"full": "base", "decoder": "base", "lora": "lora_merged", "conv_lora": "conv_lora_merged"}
 
 
 # glibc malloc settings of each measurement's process, by what it measures (other C libraries ignore them).
@@ -203,7 +201,7 @@ def run_cost(
         per_run = f"; conv_lora_merged / lora_merged per run {paired['conv_lora_merged']:.3f}" if paired else ""
         log("  latency: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in seconds.items()) + per_run)
         for method, row in rows.items():
-            row["merged_latency_seconds"] = seconds[MERGED_MODEL[method]]
+            row["merged_latency_seconds"] = seconds[METHODS[method].merged_model]
     keys = [*TRAIN_KEYS, "merged_latency_seconds"] if latency else list(TRAIN_KEYS)
     reference = {"image_size": experiment.image_size, "batch_size": experiment.batch_size, "methods": rows}
     reference["ratios_to_lora"] = ratios(rows, keys)

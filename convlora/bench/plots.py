@@ -7,9 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_file
+from ..artifact.methods import METHODS
 from .formatting import metric_label
 
-COLOURS = {"full": "#7f7f7f", "decoder": "#bcbd22", "lora": "#1f77b4", "conv_lora": "#d62728"}
+OTHER_COLOUR = "#9467bd"
+
+
+def colour(name: str) -> str:
+    """The plot colour of a method (``Method.colour``); an arm named after a method gets its colour too."""
+    return METHODS[name].colour if name in METHODS else OTHER_COLOUR
 
 
 def plot_quality(result: dict[str, Any], path: str | Path) -> None:
@@ -28,7 +34,7 @@ def plot_quality(result: dict[str, Any], path: str | Path) -> None:
         present = [a for a in arms if a in row["arms"]]
         means = [row["arms"][a]["metrics"][main]["mean"] or 0.0 for a in present]
         stds = [row["arms"][a]["metrics"][main]["std"] or 0.0 for a in present]
-        colours = [COLOURS.get(a, COLOURS.get(methods[a], "#9467bd")) for a in present]
+        colours = [colour(a) if a in METHODS else colour(methods[a]) for a in present]
         ax.bar(range(len(present)), means, yerr=stds, capsize=4, color=colours, alpha=0.85)
         for i, arm in enumerate(present):
             runs = [r for r in result["runs"] if r["domain"] == row["domain"] and r["arm"] == arm]
@@ -58,7 +64,7 @@ def plot_cost(result: dict[str, Any], path: str | Path) -> None:
     figure, axes = _subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
     for ax, (key, label, scale) in zip(axes[0], panels, strict=True):
         values = [(rows[m].get(key) or 0) / scale for m in methods]
-        ax.bar(methods, values, color=[COLOURS.get(m, "#9467bd") for m in methods])
+        ax.bar(methods, values, color=[colour(m) for m in methods])
         ax.set_title(label, fontsize=10)
         ax.tick_params(axis="x", labelrotation=20)
     figure.suptitle(f"{result['name']}: cost per method", fontsize=11)
@@ -75,11 +81,11 @@ def plot_scaling(result: dict[str, Any], path: str | Path) -> None:
     for column, (axis, points) in enumerate(sweeps.items()):
         xs = [p[axis] for p in points]
         for method in points[0]["methods"]:
-            colour = COLOURS.get(method, "#9467bd")
+            shade = colour(method)
             steps = [p["methods"][method]["step_seconds"] for p in points]
-            axes[0][column].plot(xs, steps, "o-", color=colour, label=method)
+            axes[0][column].plot(xs, steps, "o-", color=shade, label=method)
             memory = [(p["methods"][method]["peak_memory_bytes"] or 0) / 2**20 for p in points]
-            axes[1][column].plot(xs, memory, "o-", color=colour, label=method)
+            axes[1][column].plot(xs, memory, "o-", color=shade, label=method)
         for row, label in ((0, "train step (s)"), (1, "peak memory (MiB)")):
             ax = axes[row][column]
             ax.set_xscale("log", base=2)

@@ -9,8 +9,8 @@ live in :mod:`convlora.models.family`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -51,8 +51,16 @@ class ModelFamily:
         size_multiple: the input side must be a multiple of this (patching, pooling stages).
         resize: a copy of a model that takes another input size, or ``None`` if the family cannot resize.
         decoder: attribute name of the mask decoder (trained by every method).
+        encoder_path: regex of the module path of the encoder's list of blocks, for PEFT's ``target_modules``.
+        target_presets: the family's named target sets (preset name -> regex of modules inside one block).
         presets: key of the family's target presets in ``convlora.tuner.presets.FAMILY_PRESETS``
-            (the family's name when empty).
+            (the family's name when empty): a family reusing another's presets names it here.
+        encode_image: ``(sam, pixel_values) -> {...}``: the image encoder once, as the keyword arguments that
+            replace ``pixel_values`` in the prompted mask call (SAM: ``image_embeddings``; SAM 2 / SAM 3: the
+            feature pyramid), with gradients.
+        export_split: the ONNX image-encoder / prompt-decoder split its models export with (a key of
+            ``convlora.deploy.SPLITS``), or ``None``: the prompt-free model only.
+        variants: the released variants (name -> config builder, nothing downloaded), for ``convlora params``.
         multiclass: whether convlora's class-query decoder (``convlora.models.semantic``) fits this family.
         prompt_free: whether ``model(pixel_values=x, multimask_output=False)`` gives masks without prompts.
         image_mean: per-channel mean of the official preprocessing.
@@ -76,7 +84,12 @@ class ModelFamily:
     size_multiple: Callable[[nn.Module], int] = vision_patch_size
     resize: Callable[[nn.Module, int], nn.Module] | None = None
     decoder: str = "mask_decoder"
+    encoder_path: str = ""
+    target_presets: Mapping[str, str] = field(default_factory=dict)
     presets: str = ""
+    encode_image: Callable[[nn.Module, Any], dict[str, Any]] | None = None
+    export_split: str | None = None
+    variants: Mapping[str, Callable[[], Any]] = field(default_factory=dict)
     multiclass: bool = False
     prompt_free: bool = True
     image_mean: tuple[float, float, float] = IMAGENET_MEAN

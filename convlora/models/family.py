@@ -7,19 +7,54 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from .._compat import checkpoint_block
+from ..tuner.presets import ENCODER_LAYERS, FAMILY_PRESETS, MODEL_TYPE_FAMILIES, register_presets
 from . import sam, sam2, sam3, sam_hq
 from .base import ModelFamily
 
-FAMILIES: dict[str, ModelFamily] = {
-    family.name: family for family in (sam.FAMILY, sam_hq.FAMILY, sam2.FAMILY, sam3.FAMILY, sam3.CONCEPT_FAMILY)
-}
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add a model family to the registry, and its target presets to the PEFT method's; returns it.
+
+    Everything convlora knows about a family is its :class:`ModelFamily` entry: adding a family is one module
+    defining it and one call of this function.
+
+    Args:
+        family: the family's entry.
+
+    Raises:
+        ValueError: a family of that name, or one claiming one of its ``model_types``, is already registered.
+    """
+    if family.name in FAMILIES:
+        raise ValueError(f"model family {family.name!r} is already registered")
+    taken = {t for other in FAMILIES.values() for t in other.model_types} & set(family.model_types)
+    if taken:
+        raise ValueError(f"model types {sorted(taken)} of family {family.name!r} already belong to another family")
+    if family.encoder_path:
+        register_presets(family.preset_family, family.model_types, family.encoder_path, dict(family.target_presets))
+    FAMILIES[family.name] = family
+    return family
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family added by :func:`register_family` (tests, plugins); the built-in ones stay."""
+    family = FAMILIES.pop(name)
+    for model_type in family.model_types:
+        MODEL_TYPE_FAMILIES.pop(model_type, None)
+    if not any(other.preset_family == family.preset_family for other in FAMILIES.values()):
+        ENCODER_LAYERS.pop(family.preset_family, None)
+        FAMILY_PRESETS.pop(family.preset_family, None)
+
+
+for _family in (sam.FAMILY, sam_hq.FAMILY, sam2.FAMILY, sam3.FAMILY, sam3.CONCEPT_FAMILY):
+    register_family(_family)
 
 # SAM relatives convlora knows but cannot adapt, with the reason (by transformers model_type).
 UNSUPPORTED: dict[str, str] = {
@@ -109,8 +144,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> int:
     sam = find_sam(model)
     blocks = [m for m in sam.vision_encoder.modules() if isinstance(m, GradientCheckpointingLayer)]
     for block in blocks:
-        block.gradient_checkpointing = True
-        block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        checkpoint_block(block)
     return len(blocks)
 
 

@@ -11,16 +11,11 @@ from ..tuner import ConvLoraConfig
 from .adapters import apply_conv_lora
 from .family import FAMILIES
 from .merged_io import merged_extra_parameters
-from .sam import SAM_VARIANTS, sam_config
-from .sam2 import SAM2_VARIANTS, sam2_config
-from .sam3 import sam3_config
 
-# The released variants of each family, and the config builder of one (all built locally, no download).
-FAMILY_VARIANTS: dict[str, dict[str, Any]] = {
-    "sam": {name: (lambda name=name: sam_config(name)) for name in SAM_VARIANTS},
-    "sam2": {name: (lambda name=name: sam2_config(name)) for name in SAM2_VARIANTS},
-    "sam3": {"sam3": sam3_config},
-}
+
+def family_variants() -> dict[str, dict[str, Any]]:
+    """The released variants of each family that lists some (``ModelFamily.variants``): name -> config builder."""
+    return {name: dict(family.variants) for name, family in FAMILIES.items() if family.variants}
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -49,7 +44,7 @@ def parameter_counts(
     """Parameter counts of a released model variant with adapters, built on the meta device (no weights).
 
     Args:
-        variant: a key of ``FAMILY_VARIANTS[family]``: ``"vit-b"``, ``"vit-l"``, ``"vit-h"`` (SAM);
+        variant: a key of ``family_variants()[family]``: ``"vit-b"``, ``"vit-l"``, ``"vit-h"`` (SAM);
             ``"hiera-tiny"``, ``"hiera-small"``, ``"hiera-base-plus"``, ``"hiera-large"`` (SAM 2 / 2.1);
             ``"sam3"`` (SAM 3).
         config: the adapter configuration (defaults when ``None``).
@@ -66,11 +61,12 @@ def parameter_counts(
     93735728
     """
     config = ConvLoraConfig() if config is None else config
-    if family not in FAMILY_VARIANTS:
-        raise ValueError(f"family must be one of {sorted(FAMILY_VARIANTS)}, got {family!r}")
-    if variant not in FAMILY_VARIANTS[family]:
-        raise ValueError(f"Unknown {family} variant {variant!r}; choose one of {sorted(FAMILY_VARIANTS[family])}")
-    model_config = FAMILY_VARIANTS[family][variant]()
+    variants = family_variants()
+    if family not in variants:
+        raise ValueError(f"family must be one of {sorted(variants)}, got {family!r}")
+    if variant not in variants[family]:
+        raise ValueError(f"Unknown {family} variant {variant!r}; choose one of {sorted(variants[family])}")
+    model_config = variants[family][variant]()
     model_cls = next(f for f in FAMILIES.values() if model_config.model_type in f.model_types).model_class()
     with torch.device("meta"):
         model = model_cls(model_config)

@@ -183,6 +183,28 @@ def image_size(model: nn.Module) -> int:
     return int(model.config.vision_config.image_size)
 
 
+def encode_image(sam: nn.Module, pixel_values: torch.Tensor) -> dict[str, Any]:
+    """SAM's (and SAM-HQ's) image encoder once: the embeddings its mask decoder reads, with gradients.
+
+    Adapters inside the encoder's layers take part (transformers' ``get_image_embeddings`` runs without
+    gradients). SAM-HQ's decoder also reads early encoder features (``intermediate_embeddings``).
+    """
+    output = sam.vision_encoder(pixel_values)
+    embeddings: dict[str, Any] = {"image_embeddings": output.last_hidden_state}  # (b, c, S/16, S/16)
+    intermediate = getattr(output, "intermediate_embeddings", None)
+    if intermediate is not None:
+        embeddings["intermediate_embeddings"] = intermediate
+    return embeddings
+
+
+# Named target sets inside one ViT block (``vision_encoder.layers.N``).
+PRESETS: dict[str, str] = {
+    "qkv": r"attn\.qkv",
+    "qkv_proj": r"attn\.(?:qkv|proj)",
+    "attention_mlp": r"(?:attn\.(?:qkv|proj)|mlp\.(?:lin1|lin2))",
+}
+ENCODER_PATH = r"vision_encoder\.layers"
+
 FAMILY = ModelFamily(
     name="sam",
     model_types=("sam",),
@@ -190,6 +212,11 @@ FAMILY = ModelFamily(
     encoder_layers=encoder_layers,
     image_size=image_size,
     resize=resize_sam,
+    encoder_path=ENCODER_PATH,
+    target_presets=PRESETS,
+    encode_image=encode_image,
+    export_split="vit",
+    variants={name: (lambda name=name: sam_config(name)) for name in SAM_VARIANTS},
     multiclass=True,
     description="SAM (SamModel; MedSAM, SlimSAM): ViT image encoder with fused attn.qkv",
 )

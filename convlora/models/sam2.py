@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+from einops import rearrange
 from torch import nn
 
 from .base import ModelFamily, backbone_config, square_side
@@ -191,6 +193,30 @@ def _model_class() -> type[nn.Module]:
     return Sam2Model
 
 
+def encode_pyramid(sam: nn.Module, pixel_values: torch.Tensor) -> dict[str, Any]:
+    """SAM 2's (and SAM 3's) image embeddings as their ``get_image_embeddings`` builds them, but with gradients.
+
+    The decoder reads a pyramid of feature maps; the last (coarsest) gets the "no memory" embedding a single
+    image is decoded with; every map comes back as ``(b, c, h, w)``.
+    """
+    maps = list(sam.get_image_features(pixel_values, return_dict=True).fpn_hidden_states)  # each ((h w), b, c)
+    maps[-1] = maps[-1] + sam.no_memory_embedding
+    pyramid = [
+        rearrange(feature, "(h w) b c -> b c h w", h=size[0], w=size[1])
+        # SAM 3's encoder gives one map more than its decoder reads; zip keeps the ones it reads, as transformers does
+        for feature, size in zip(maps, sam.backbone_feature_sizes, strict=False)
+    ]
+    return {"image_embeddings": pyramid}
+
+
+# Hiera: one fused qkv per block; `blocks.N.proj` (the skip projection at stage changes) is never a target.
+PRESETS: dict[str, str] = {
+    "qkv": r"attn\.qkv",
+    "qkv_proj": r"attn\.(?:qkv|proj)",
+    "attention_mlp": r"(?:attn\.(?:qkv|proj)|mlp\.(?:proj_in|proj_out))",
+}
+
+
 FAMILY = ModelFamily(
     name="sam2",
     model_types=("sam2", "sam2_video"),
@@ -204,6 +230,11 @@ FAMILY = ModelFamily(
     image_std=IMAGENET_STD,
     pad_to_square=False,
     prepare=single_token_masks,
+    encoder_path=r"vision_encoder\.backbone\.blocks",
+    target_presets=PRESETS,
+    encode_image=encode_pyramid,
+    export_split="pyramid",
+    variants={name: (lambda name=name: sam2_config(name)) for name in SAM2_VARIANTS},
     multiclass=True,
     description="SAM 2 / 2.1 (Sam2Model): Hiera image encoder with fused attn.qkv in every block",
 )

@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from .base import ModelFamily, backbone_config, square_side
-from .sam2 import single_token_masks
+from .sam2 import encode_pyramid, single_token_masks
 
 # SAM 3's image encoder as released (facebook/sam3); transformers' defaults describe it.
 SAM3_VIT: dict[str, Any] = {
@@ -151,6 +151,15 @@ def _concept_class() -> type[nn.Module]:
     return Sam3Model
 
 
+# SAM 3's ViT has separate projections; "qv" is LoRA's usual choice.
+PRESETS: dict[str, str] = {
+    "qv": r"attention\.(?:q_proj|v_proj)",
+    "qkv": r"attention\.(?:q_proj|k_proj|v_proj)",
+    "attention": r"attention\.(?:q_proj|k_proj|v_proj|o_proj)",
+    "attention_mlp": r"(?:attention\.(?:q_proj|k_proj|v_proj|o_proj)|mlp\.(?:fc1|fc2))",
+}
+ENCODER_PATH = r"vision_encoder\.backbone\.layers"
+
 FAMILY = ModelFamily(
     name="sam3",
     model_types=("sam3_tracker", "sam3_video", "sam3_tracker_video"),
@@ -164,6 +173,11 @@ FAMILY = ModelFamily(
     image_std=SAM3_STD,
     pad_to_square=False,
     prepare=single_token_masks,
+    encoder_path=ENCODER_PATH,
+    target_presets=PRESETS,
+    encode_image=encode_pyramid,
+    export_split="pyramid",
+    variants={"sam3": sam3_config},
     multiclass=True,
     description="SAM 3 (Sam3TrackerModel): ViT image encoder with RoPE and separate q/k/v/o projections",
 )
@@ -176,6 +190,8 @@ CONCEPT_FAMILY = ModelFamily(
     image_size=image_size,
     patch_size=patch_size,
     size_multiple=patch_size,
+    encoder_path=ENCODER_PATH,
+    target_presets=PRESETS,
     presets="sam3",
     prompt_free=False,
     image_mean=SAM3_MEAN,

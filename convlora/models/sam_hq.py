@@ -24,5 +24,9 @@ FAMILY = ModelFamily(
     encoder_layers=sam.encoder_layers,
     image_size=sam.image_size,
     resize=sam.resize_sam,
+    encoder_path=sam.ENCODER_PATH,
+    target_presets=sam.PRESETS,
+    encode_image=sam.encode_image,
+    export_split="vit_hq",
     description="SAM-HQ (SamHQModel): SAM's ViT encoder with an HQ mask decoder",
 )

@@ -103,9 +103,6 @@ def save_overlay_grid(model: nn.Module, dataset: Any, path: str | Path, count: i
 
 # a fine-tuned model inherits its base model's licence; these bases are Apache-2.0
 _APACHE_BASES = ("facebook/sam-", "convlora-")
-_METHOD_TAGS = {"conv_lora": ["conv-lora", "lora"], "lora": ["lora"], "decoder": ["mask-decoder"], "full": []}
-# what loads each export: PEFT adapters, or a whole transformers checkpoint (`full`)
-_LIBRARIES = {"conv_lora": "peft", "lora": "peft", "full": "transformers"}
 
 
 def card_metadata(task: Any, *, domain: str | None = None, license: str | None = None) -> dict[str, Any]:
@@ -127,13 +124,14 @@ def card_metadata(task: Any, *, domain: str | None = None, license: str | None =
     base = str(task.base_model)
     if license is None:
         license = "apache-2.0" if base.startswith(_APACHE_BASES) else "unknown"
-    tags = [*_METHOD_TAGS.get(task.method, []), "segment-anything", "sam", "image-segmentation", "convlora"]
+    method = METHODS.get(task.method)
+    tags = [*(method.card_tags if method else ()), "segment-anything", "sam", "image-segmentation", "convlora"]
     tags.append("binary-segmentation" if task.mode == "binary" else "semantic-segmentation")
     if domain:
         tags.append(domain)
     meta: dict[str, Any] = {}
-    if task.method in _LIBRARIES:
-        meta["library_name"] = _LIBRARIES[task.method]
+    if method is not None and method.library is not None:
+        meta["library_name"] = method.library
     if _is_hub_id(base):
         meta["base_model"] = base
     meta |= {"license": license, "pipeline_tag": "mask-generation", "tags": list(dict.fromkeys(tags))}

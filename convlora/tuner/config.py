@@ -293,7 +293,7 @@ ConvLoraConfig.__init__ = _init_refusing_unknown_fields  # type: ignore[method-a
 
 def _same_layout(first: str, second: str) -> bool:
     """Whether two preset families name the same modules (SAM and SAM-HQ share SAM's encoder)."""
-    return ENCODER_LAYERS[first] == ENCODER_LAYERS[second] and FAMILY_PRESETS[first] is FAMILY_PRESETS[second]
+    return ENCODER_LAYERS[first] == ENCODER_LAYERS[second] and FAMILY_PRESETS[first] == FAMILY_PRESETS[second]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

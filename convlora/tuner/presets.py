@@ -1,7 +1,9 @@
 """Named target sets: which ``nn.Linear`` modules of a SAM image encoder Conv-LoRA adapts.
 
 Plain data (module-name patterns), keyed by model family and preset name, so that the PEFT method can
-resolve ``target_preset`` / ``layers`` into PEFT's ``target_modules`` without importing any model code.
+resolve ``target_preset`` / ``layers`` into PEFT's ``target_modules`` without importing any model code. The
+patterns belong to the families (``ModelFamily.encoder_path`` / ``target_presets`` in ``convlora.models``),
+which register them here (:func:`register_presets`) as they are defined.
 
 >>> sorted(FAMILY_PRESETS["sam3"])
 ['attention', 'attention_mlp', 'qkv', 'qv']
@@ -11,48 +13,39 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# Where each family keeps its encoder layers, and its named target sets relative to one layer. Patterns are
-# anchored at the encoder because SAM's mask decoder also has modules called ``mlp.lin1`` or ``q_proj``.
-ENCODER_LAYERS: dict[str, str] = {
-    "sam": r"vision_encoder\.layers",
-    "sam_hq": r"vision_encoder\.layers",
-    "sam2": r"vision_encoder\.backbone\.blocks",
-    "sam3": r"vision_encoder\.backbone\.layers",
-}
-FAMILY_PRESETS: dict[str, dict[str, str]] = {
-    "sam": {
-        "qkv": r"attn\.qkv",
-        "qkv_proj": r"attn\.(?:qkv|proj)",
-        "attention_mlp": r"(?:attn\.(?:qkv|proj)|mlp\.(?:lin1|lin2))",
-    },
-    # Hiera: one fused qkv per block; `blocks.N.proj` (the skip projection at stage changes) is never a target.
-    "sam2": {
-        "qkv": r"attn\.qkv",
-        "qkv_proj": r"attn\.(?:qkv|proj)",
-        "attention_mlp": r"(?:attn\.(?:qkv|proj)|mlp\.(?:proj_in|proj_out))",
-    },
-    # SAM 3's ViT has separate projections; "qv" is LoRA's usual choice.
-    "sam3": {
-        "qv": r"attention\.(?:q_proj|v_proj)",
-        "qkv": r"attention\.(?:q_proj|k_proj|v_proj)",
-        "attention": r"attention\.(?:q_proj|k_proj|v_proj|o_proj)",
-        "attention_mlp": r"(?:attention\.(?:q_proj|k_proj|v_proj|o_proj)|mlp\.(?:fc1|fc2))",
-    },
-}
-FAMILY_PRESETS["sam_hq"] = FAMILY_PRESETS["sam"]
-# The presets of SAM (and SAM-HQ), the default family.
-TARGET_PRESETS: dict[str, str] = FAMILY_PRESETS["sam"]
-# transformers model_type -> the preset family (a key of FAMILY_PRESETS); the model registry is convlora.models.
-MODEL_TYPE_FAMILIES: dict[str, str] = {
-    "sam": "sam",
-    "sam_hq": "sam_hq",
-    "sam2": "sam2",
-    "sam2_video": "sam2",
-    "sam3_tracker": "sam3",
-    "sam3_video": "sam3",
-    "sam3_tracker_video": "sam3",
-    "sam3": "sam3",
-}
+# Where each family keeps its encoder layers, and its named target sets relative to one layer. The facts
+# belong to the families (``convlora.models``: ``ModelFamily.encoder_path`` / ``target_presets``), which
+# register them here when they are defined: the PEFT method resolves presets without importing model code.
+# Patterns are anchored at the encoder because SAM's mask decoder also has modules called ``mlp.lin1``.
+ENCODER_LAYERS: dict[str, str] = {}
+FAMILY_PRESETS: dict[str, dict[str, str]] = {}
+# transformers model_type -> the preset family (a key of FAMILY_PRESETS)
+MODEL_TYPE_FAMILIES: dict[str, str] = {}
+# The presets of SAM (and SAM-HQ), the default family; filled when SAM registers.
+TARGET_PRESETS: dict[str, str] = {}
+DEFAULT_FAMILY = "sam"
+
+
+def register_presets(family: str, model_types: Sequence[str], encoder_layers: str, presets: dict[str, str]) -> None:
+    r"""Make a model family's target presets known to the PEFT method (``convlora.models`` calls it per family).
+
+    Args:
+        family: the preset family's name (``"sam2"``); families sharing presets register the same dict.
+        model_types: the transformers ``model_type`` values that use them.
+        encoder_layers: regex of the module path of the encoder's list of blocks (``r"vision_encoder\.layers"``).
+        presets: preset name -> regex of the adapted modules inside one block.
+
+    >>> register_presets("sam", ["sam"], ENCODER_LAYERS["sam"], FAMILY_PRESETS["sam"])  # what SAM's entry does
+    """
+    if family in FAMILY_PRESETS and (ENCODER_LAYERS[family], FAMILY_PRESETS[family]) != (encoder_layers, presets):
+        raise ValueError(f"target presets of family {family!r} are already registered with other values")
+    ENCODER_LAYERS[family] = encoder_layers
+    FAMILY_PRESETS[family] = presets
+    for model_type in model_types:
+        MODEL_TYPE_FAMILIES[model_type] = family
+    if family == DEFAULT_FAMILY:
+        TARGET_PRESETS.clear()
+        TARGET_PRESETS.update(presets)
 
 
 def preset_family(model_type: str | None) -> str | None:
