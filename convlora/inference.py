@@ -18,7 +18,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ from .data.prompts import PAD_LABEL, PromptConfig
 from .evaluation.evaluate import evaluate_split
 from .evaluation.metrics import build_metrics
 from .evaluation.prompted import evaluate_prompted
+from .instances import AmgConfig, GeneratedMasks, generate_masks
+from .instances.files import coco_annotations, save_id_map
 from .models import family_of, load_sam, segmentation_logits
 from .models.adapter_check import ADAPTER_CONFIG
 from .models.merged_io import merged_extra_parameters, write_merged
@@ -199,6 +201,26 @@ class Segmenter:
         pixels = self._pixels(image)
         pixel_values, info = preprocess(pixels, self.task.image_size, self.input_format)
         return predict_prompts(self.model, pixel_values.to(self.device), info, prompts, multimask=multimask)
+
+    def predict_instances(
+        self, image: ImageInput, method: str = "auto", config: AmgConfig | None = None
+    ) -> tuple[np.ndarray, GeneratedMasks]:
+        """One mask per object: an id map ``(h, w)`` (int32, 0 = background) and the objects with their scores.
+
+        Args:
+            image: a path, a uint8 ``(h, w, 3)`` RGB array, or what :meth:`predict` takes for one image.
+            method: ``"amg"`` (automatic mask generation: a grid of point prompts, see
+                :mod:`convlora.instances.amg`) or ``"auto"`` (the model's trained instance decoder where it has
+                one, else ``"amg"``). ``"ais"`` / ``"apg"`` need a trained instance decoder.
+            config: AMG settings (SAM's names); SAM's defaults when ``None``.
+
+        >>> ids, found = segmenter.predict_instances("cells.png", "amg", AmgConfig(16))  # doctest: +SKIP
+        >>> found.scores  # the model's IoU estimate of each object, best first  # doctest: +SKIP
+        """
+        choose_instance_method(method, has_decoder=False)
+        pixels = self._pixels(image)
+        found = generate_masks(self.model, pixels, config, image_size=self.task.image_size, device=self.device)
+        return found.id_map(), found
 
     def predict(
         self,
@@ -535,10 +557,31 @@ def _image_names(paths: list[Path], images: str | Path) -> dict[str, Path]:
     return names
 
 
+INSTANCE_METHODS = ("auto", "amg", "ais", "apg")
+
+
+def choose_instance_method(method: str, *, has_decoder: bool) -> str:
+    """The instance method to run for ``method`` (``"auto"``: a trained decoder if any, else AMG), or why not.
+
+    >>> choose_instance_method("auto", has_decoder=False)
+    'amg'
+    """
+    if method not in INSTANCE_METHODS:
+        raise ValueError(f"instances must be one of {list(INSTANCE_METHODS)}, got {method!r}")
+    if method == "auto":
+        return "ais" if has_decoder else "amg"
+    if method in ("ais", "apg") and not has_decoder:
+        raise ValueError(
+            f"instances={method!r} needs a model trained with an instance decoder (convlora train --mode instances); "
+            "this model has none: use 'amg' (automatic mask generation from point prompts) instead"
+        )
+    return method
+
+
 # predict writes its folder image by image: each image's files atomically, then one line of this file. A
 # rerun with the same model and settings skips the images already listed, so a killed predict continues.
 PROGRESS_FILE = "predictions.jsonl"
-_PREDICTION_ENTRIES = ("masks", "overlays", "predictions.json", PROGRESS_FILE)
+_PREDICTION_ENTRIES = ("masks", "overlays", "instances", "predictions.json", PROGRESS_FILE)
 
 
 def _file_state(path: str | Path) -> Any:
@@ -583,7 +626,7 @@ def _clear_predictions(output_dir: Path) -> None:
 
 def _remove_partial_files(output_dir: Path) -> None:
     """Remove the temporary files a killed predict left (``.NAME.XXXX.tmp``, written by ``atomic_file``)."""
-    for folder in (output_dir, output_dir / "masks", output_dir / "overlays"):
+    for folder in (output_dir, *(output_dir / name for name in ("masks", "overlays", "instances"))):
         if folder.is_dir():
             for partial in folder.glob(".*.tmp"):
                 if partial.is_file() and not partial.is_symlink():
@@ -606,8 +649,14 @@ def predict_folder(
     tile: int | None = None,
     overlap: int = 0,
     skip_bad: bool = False,
+    instances: str | None = None,
+    amg: AmgConfig | None = None,
 ) -> dict[str, Any]:
     """Segment every image of a folder; write mask PNGs (and overlays) at each image's original size.
+
+    With ``instances`` (``"amg"``, or ``"auto"``: see :meth:`Segmenter.predict_instances`) one mask per
+    object instead: ``OUTPUT/instances/<stem>.png`` (16-bit ids; ``.tif``, 32-bit, above 65,535 objects),
+    ``OUTPUT/instances/<stem>.json`` (COCO-style entries with RLE masks, boxes and scores) and an overlay.
 
     Prompt-free, masks go to ``OUTPUT/masks/<stem>.png`` (binary: 0/255; multi-class: class ids). With a
     prompts file (see :mod:`convlora.data.prompt_files`) each prompt gives ``OUTPUT/masks/<stem>_<i>.png``
@@ -632,6 +681,8 @@ def predict_folder(
         overlap: pixels shared by neighbouring windows.
         skip_bad: leave out images that cannot be read (listed in the result and in ``predictions.json``)
             instead of stopping at the first.
+        instances: ``"auto"``, ``"amg"`` (``"ais"`` / ``"apg"`` need a trained instance decoder), or ``None``.
+        amg: automatic mask generation settings (SAM's names); SAM's defaults when ``None``.
 
     Returns:
         ``count`` (images with predictions), ``output_dir``, ``reused`` (images an earlier run had done) and
@@ -646,6 +697,13 @@ def predict_folder(
     check_owned(output_dir, "predictions", option="--output")
     if prompts is not None and tile is not None:
         raise ValueError("predict: --tile is for prompt-free prediction; it cannot be combined with --prompts")
+    if instances is not None:
+        if prompts is not None or tile is not None:
+            raise ValueError(
+                "predict: --instances finds every object itself; it takes neither --prompts nor --tile (for large "
+                "images, AMG's crop layers: --amg.crop_n_layers 1)"
+            )
+        instances = choose_instance_method(instances, has_decoder=False)
     segmenter = Segmenter.from_pretrained(model_path, base_model=base_model)
     reading = segmenter.task.image_reading
     report = check_dataset(images, reading=reading, skip_bad=skip_bad, skip_advice="--skip-bad")
@@ -664,6 +722,7 @@ def predict_folder(
         "prompts": None if prompts is None else [str(prompts), _file_state(prompts)],
         "tile": None if tile is None else [tile, overlap],
         "overlays": overlays,
+        "instances": None if instances is None else [instances, asdict(amg or AmgConfig())],
     }
     records: list[dict[str, Any]] = []
     reused = 0
@@ -673,7 +732,7 @@ def predict_folder(
             _clear_predictions(output_dir)
             earlier = {}
         _remove_partial_files(output_dir)
-        (output_dir / "masks").mkdir(exist_ok=True)
+        (output_dir / ("instances" if instances else "masks")).mkdir(exist_ok=True)
         if overlays:
             (output_dir / "overlays").mkdir(exist_ok=True)
         progress_file = output_dir / PROGRESS_FILE
@@ -702,7 +761,9 @@ def predict_folder(
                         ) from error
                     bad.append({"image": str(path), "error": str(error)})
                     continue
-                if prompt_sets is not None:
+                if instances is not None:
+                    record = _predict_instances(segmenter, image, path, output_dir, overlays, amg)
+                elif prompt_sets is not None:
                     record = _predict_prompted(segmenter, image, prompt_sets[path], path, output_dir, overlays)
                 else:
                     record = _predict_free(segmenter, image, path, output_dir, overlays, binary, tile, overlap)
@@ -743,6 +804,22 @@ def _predict_free(
         _save_png(overlay(image, mask), output_dir / files[-1])
     fractions = np.bincount(mask.ravel(), minlength=segmenter.task.num_classes) / mask.size
     return {"size": list(mask.shape), "class_fractions": fractions.tolist(), "files": files}
+
+
+def _predict_instances(
+    segmenter: Segmenter, image: np.ndarray, path: Path, output_dir: Path, overlays: bool, amg: AmgConfig | None
+) -> dict[str, Any]:
+    """One image's objects (automatic mask generation): id image, COCO-style JSON, overlay; returns its record."""
+    ids, found = segmenter.predict_instances(image, "amg", amg)
+    files = [save_id_map(ids, output_dir / "instances" / path.stem).relative_to(output_dir).as_posix()]
+    extra = {"predicted_iou": found.scores, "stability_score": found.stability, "point_coords": found.points}
+    entries = coco_annotations(found.masks, found.scores, image_id=path.name, extra=extra)
+    files.append(f"instances/{path.stem}.json")
+    write_json(output_dir / files[-1], {"image": path.name, "size": list(ids.shape), "annotations": entries})
+    if overlays:
+        files.append(f"overlays/{path.stem}.png")
+        _save_png(overlay(image, np.where(ids > 0, (ids - 1) % 254 + 1, 0)), output_dir / files[-1])  # 255: ignore
+    return {"size": list(ids.shape), "objects": len(found), "files": files}
 
 
 def _predict_prompted(
