@@ -56,6 +56,7 @@ __all__ = [
     "export_onnx",
     "install_class_decoder",
     "load_config",
+    "load_config_given",
     "load_merged",
     "load_sam",
     "load_trained",
@@ -72,7 +73,13 @@ __all__ = [
 ]
 
 # The training engine (and Accelerate with it) loads on first use, so that using a trained model never does.
-_TRAINING = {"TrainConfig": "config", "load_config": "config", "TrainResult": "engine", "train": "engine"}
+_TRAINING = {
+    "TrainConfig": "config",
+    "load_config": "config",
+    "load_config_given": "config",
+    "TrainResult": "engine",
+    "train": "engine",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -110,6 +110,51 @@ def register_peft_method(peft_type: str, config_cls: type, model_cls: type, pref
         table[peft_type] = value
 
 
+def keep_trained_modules_on_unload(peft_model: Any) -> Any:
+    """Let ``merge_and_unload()`` / ``unload()`` put a whole trained module (``modules_to_save``) in place, in place.
+
+    Two gaps of PEFT's tuners for modules such as SAM's mask decoder: the generic ``BaseTuner._replace_module``
+    copies ``child.weight`` onto the module that replaces a ``ModulesToSaveWrapper``, which fails for a module
+    without a ``weight`` of its own (huggingface/peft#3114; LoRA's tuner overrides it and is not affected);
+    and LN tuning's own unloading leaves the wrapper in the model, whose state dict then no longer fits the
+    base architecture. The trained copy already owns its weights: for those wrappers only the module is put in
+    place, and any wrapper still there after unloading is replaced by its trained module.
+
+    Args:
+        peft_model: a ``PeftModel``; returned.
+    """
+    import types
+
+    from peft.tuners.tuners_utils import BaseTuner
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    tuner = peft_model.base_model
+    if type(tuner)._replace_module is BaseTuner._replace_module:
+        replace_module = tuner._replace_module
+
+        def replace(self: Any, parent: Any, child_name: str, new_module: Any, child: Any) -> None:
+            if isinstance(child, AuxiliaryTrainingWrapper):
+                setattr(parent, child_name, new_module)
+                return
+            replace_module(parent, child_name, new_module, child)
+
+        tuner._replace_module = types.MethodType(replace, tuner)
+    unload_model = tuner._unload_and_optionally_merge
+
+    def unload(self: Any, merge: bool = True, *args: Any, **kwargs: Any) -> Any:
+        model = unload_model(merge, *args, **kwargs)
+        wrappers = [name for name, module in model.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)]
+        for name in wrappers:
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent)
+            module = getattr(owner, child).unload_and_optionally_merge_module(merge, False, None)
+            setattr(owner, child, module)
+        return model
+
+    tuner._unload_and_optionally_merge = types.MethodType(unload, tuner)
+    return peft_model
+
+
 def forget_accelerate_settings() -> None:
     """Let one process run several trainings with different settings (examples, benchmarks, notebooks).
 

@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -15,10 +16,11 @@ Handler = Callable[[argparse.Namespace], int]
 def _add_params(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "params",
-        help="parameter counts of LoRA and Conv-LoRA on real SAM / SAM 2 / SAM 3 shapes (no weights needed)",
+        help="parameter counts of LoRA, Conv-LoRA or any training method on real SAM / SAM 2 / SAM 3 shapes "
+        "(no weights needed)",
         description="Build the released variants of a model family (SAM ViT-B/L/H, SAM 2.1 Hiera, SAM 3) on the "
-        "meta device (nothing is allocated or downloaded), inject LoRA and Conv-LoRA with the given settings, "
-        "and print their parameter counts as a Markdown table.",
+        "meta device (nothing is allocated or downloaded), prepare them for each method (LoRA and Conv-LoRA by "
+        "default) with the given settings, and print their parameter counts as a Markdown table.",
     )
     parser.add_argument(
         "--family", default="sam", help="a model family with released variants: sam, sam2 or sam3 (default: sam)"
@@ -28,10 +30,19 @@ def _add_params(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--r", type=int, default=None, help="LoRA rank (default: ConvLoraConfig's)")
     parser.add_argument("--num-experts", type=int, default=None, help="conv experts (default: ConvLoraConfig's)")
     parser.add_argument("--expert-conv", choices=["full", "depthwise"], default=None, help="expert conv type")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="METHOD",
+        help="training methods to count, e.g. lora dora loha lokr ia3 boft vera ln_tuning bitfit (default: lora "
+        "conv_lora); each with its defaults and the settings above",
+    )
     parser.set_defaults(handler=_run_params)
 
 
 def _run_params(args: argparse.Namespace) -> int:
+    from .artifact.methods import get_method
     from .models import parameter_counts
     from .models.params import family_variants
     from .tuner.config import ConvLoraConfig
@@ -50,6 +61,7 @@ def _run_params(args: argparse.Namespace) -> int:
             f"--family must be one of {sorted(known)} (families with released variants), got {args.family!r}"
         )
     variants = args.variants or list(known[args.family])
+    methods = [get_method(name) for name in (args.methods or ["lora", "conv_lora"])]
     print(
         f"Settings: r={config.r}, lora_alpha={config.lora_alpha}, {config.num_experts} experts "
         f"(scales {config.expert_scales}), {config.expert_conv} 3x3 convs, targets: "
@@ -59,12 +71,12 @@ def _run_params(args: argparse.Namespace) -> int:
           "mask decoder | trainable | extra params after merge |")  # fmt: skip
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for variant in variants:
-        for plain in (True, False):
-            c = parameter_counts(variant, copy.deepcopy(config), plain_lora=plain, family=args.family)
-            method = "LoRA" if plain else "Conv-LoRA"
+        for method in methods:
+            c = parameter_counts(variant, copy.deepcopy(config), family=args.family, method=method)
+            merged = "does not merge" if c["merged_extra"] is None else f"{c['merged_extra']:,}"
             print(
-                f"| {variant} | {c['model']:,} | {method} | {c['adapter']:,} | {c['conv_experts']:,} | "
-                f"{c['mask_decoder']:,} | {c['trainable']:,} | {c['merged_extra']:,} |"
+                f"| {variant} | {c['model']:,} | {method.label or method.name} | {c['adapter']:,} | "
+                f"{c['conv_experts']:,} | {c['mask_decoder']:,} | {c['trainable']:,} | {merged} |"
             )
     return 0
 
@@ -143,7 +155,7 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
     return found
 
 
-def _metavar(annotation: object, choices: tuple[str, ...] | None) -> str:
+def _metavar(annotation: object, choices: Any) -> str:
     import dataclasses
     import types
     import typing
@@ -152,10 +164,8 @@ def _metavar(annotation: object, choices: tuple[str, ...] | None) -> str:
         return "{" + ",".join(choices) + "}"
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     options = [a for a in typing.get_args(annotation) if a is not type(None)] if union else [annotation]
-    names = [
-        "JSON" if dataclasses.is_dataclass(a) else _METAVARS.get(typing.get_origin(a) or a, "VALUE")  # type: ignore[call-overload]
-        for a in options
-    ]
+    kinds = [dict if dataclasses.is_dataclass(a) else typing.get_origin(a) or a for a in options]  # nested: JSON
+    names = [_METAVARS.get(kind, "VALUE") for kind in kinds]  # type: ignore[call-overload]
     return "|".join(dict.fromkeys(names))
 
 
@@ -229,6 +239,12 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the derived prompts")
     parser.add_argument("--compare-base", action="store_true", help="also score the base SAM under the same prompts")
+    parser.add_argument(
+        "--instances", choices=["auto", "amg", "ais", "apg"], default=None,
+        help="score objects instead of pixels (mSA, F1@0.5, counts) against masks holding one id per object; amg = "
+        "automatic mask generation",
+    )  # fmt: skip
+    _add_amg_arguments(parser)
     parser.set_defaults(handler=_run_evaluate)
 
 
@@ -248,6 +264,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         prompt=None if args.prompt == "none" else args.prompt,
         prompt_settings={"seed": args.prompt_seed},
         compare_base=args.compare_base,
+        instances=args.instances,
+        amg=_amg_config(args),
     )
     tables = scores if args.compare_base else {"": scores}
     for title, table in tables.items():
@@ -287,7 +305,32 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
         help="JSON file mapping image file names to {boxes, points, point_labels}, or a COCO file with bbox entries",
     )  # fmt: skip
     _add_tile_arguments(parser)
+    parser.add_argument(
+        "--instances", choices=["auto", "amg", "ais", "apg"], default=None,
+        help="one mask per object: OUTPUT/instances/<image>.png (16-bit ids) and .json (COCO-style, RLE masks, "
+        "scores); amg = automatic mask generation from a grid of point prompts (any model); auto = the model's "
+        "trained instance decoder where it has one, else amg",
+    )  # fmt: skip
+    _add_amg_arguments(parser)
     parser.set_defaults(handler=_run_predict)
+
+
+def _add_amg_arguments(parser: argparse.ArgumentParser) -> None:
+    amg = parser.add_argument_group("automatic mask generation (--instances amg), under SAM's names")
+    for name, (kind, default, text) in AMG_OPTIONS.items():
+        amg.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: {default})")
+
+
+# AmgConfig's fields as options (kept here, not read from the dataclass, so that --help imports no torch)
+AMG_OPTIONS: dict[str, tuple[type, Any, str]] = {
+    "points_per_side": (int, 32, "points per side of the prompt grid"),
+    "points_per_batch": (int, 64, "points decoded together"),
+    "pred_iou_thresh": (float, 0.88, "keep masks whose predicted IoU is at least this"),
+    "stability_score_thresh": (float, 0.95, "keep masks whose stability score is at least this"),
+    "box_nms_thresh": (float, 0.7, "box IoU above which the lower-scored of two masks is dropped"),
+    "crop_n_layers": (int, 0, "layers of overlapping crops for small objects in large images"),
+    "min_mask_region_area": (int, 0, "remove islands and fill holes smaller than this (pixels)"),
+}
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -303,8 +346,12 @@ def _run_predict(args: argparse.Namespace) -> int:
         tile=args.tile,
         overlap=args.overlap,
         skip_bad=args.skip_bad,
+        instances=args.instances,
+        amg=_amg_config(args),
     )
     what = f"the prompted masks of {done['count']} images" if args.prompts else f"{done['count']} masks"
+    if args.instances:
+        what = f"the objects of {done['count']} images"
     again = f" ({done['reused']} done by an earlier run)" if done["reused"] else ""
     print(f"Wrote {what} to {done['output_dir']}{again}")
     if done["bad"]:
@@ -313,6 +360,15 @@ def _run_predict(args: argparse.Namespace) -> int:
             print(f"  {entry['image']}: {entry['error']}", file=sys.stderr)
         return 1
     return 0
+
+
+def _amg_config(args: argparse.Namespace) -> Any:
+    given = {name: getattr(args, name) for name in AMG_OPTIONS if getattr(args, name) is not None}
+    if given and args.instances is None:
+        raise ValueError(f"--{next(iter(given))} sets automatic mask generation; add --instances amg")
+    from .instances import AmgConfig
+
+    return AmgConfig(**given)
 
 
 def _add_merge(subparsers: argparse._SubParsersAction) -> None:

@@ -31,9 +31,11 @@ from ._io import atomic_dir, atomic_file, check_apart, check_owned, owned_folder
 from .artifact import TASK_FILE, TaskInfo, load_trained, write_task_file
 from .artifact.methods import METHODS
 from .data import ImageReading, SegmentationDataset, check_dataset, read_image, read_image_size, to_rgb8
+from .data.decode import read_mask
 from .data.prompt_files import PROMPT_KEYS, build_prompts, load_prompts
-from .data.prompts import PAD_LABEL, PromptConfig
+from .data.prompts import IGNORE_INDEX, PAD_LABEL, PromptConfig
 from .evaluation.evaluate import evaluate_split
+from .evaluation.instances import InstanceMetrics
 from .evaluation.metrics import build_metrics
 from .evaluation.prompted import evaluate_prompted
 from .instances import AmgConfig, GeneratedMasks, generate_masks
@@ -472,8 +474,14 @@ def evaluate(
     prompt: str | None = None,
     prompt_settings: dict[str, Any] | None = None,
     compare_base: bool = False,
+    instances: str | None = None,
+    amg: AmgConfig | None = None,
 ) -> dict[str, Any]:
     """Metrics of a trained model on a labelled dataset folder or CSV (every image, original resolution).
+
+    With ``instances`` (``"amg"`` / ``"auto"``) the model segments every object itself and the instance metrics
+    score its id map against the dataset's instance-id masks (mSA, SA@0.5/0.75, F1, precision and recall at
+    0.5, object counts: see :mod:`convlora.evaluation.instances`).
 
     Prompt-free by default. With ``prompt`` (``box``, ``point``, ``box_point``) every object of the ground
     truth is prompted with prompts derived under a fixed seed and scored per object (``object_iou``,
@@ -489,12 +497,19 @@ def evaluate(
         prompt: the prompt kind, or ``None`` for prompt-free evaluation.
         prompt_settings: fields of :class:`~convlora.data.prompts.PromptConfig` (``seed``, ``num_points``...).
         compare_base: with ``prompt``: return ``{"model": ..., "base": ...}`` metrics of both models.
+        instances: score objects (``"amg"``, ``"auto"``) instead of pixels; the masks must hold instance ids.
+        amg: automatic mask generation settings (SAM's names).
 
     >>> evaluate("runs/polyp/adapter", "data/polyp", prompt="box", compare_base=True)  # doctest: +SKIP
     """
 
     segmenter = Segmenter.from_pretrained(model_path, base_model=base_model)
     task = segmenter.task
+    if instances is not None:
+        if prompt not in (None, "none") or tile is not None or compare_base:
+            raise ValueError("evaluate: --instances scores every object itself; it takes no --prompt, --tile or "
+                             "--compare-base")  # fmt: skip
+        return evaluate_instances(segmenter, data, choose_instance_method(instances, has_decoder=False), amg)
     report = check_dataset(data, mode=task.mode, num_classes=task.num_classes, reading=task.image_reading)
     split = "test" if "test" in report.samples else None
     dataset = SegmentationDataset.from_report(
@@ -524,6 +539,37 @@ def evaluate(
         target = torch.as_tensor(dataset.original_mask(index)).long().unsqueeze(0)
         metrics.update(logits.unsqueeze(0), target)
     return metrics.compute()
+
+
+def evaluate_instances(segmenter: Segmenter, data: str | Path, method: str, amg: AmgConfig | None) -> dict[str, Any]:
+    """Instance metrics of ``segmenter``'s objects against a dataset's instance-id masks (``test/`` if present).
+
+    Args:
+        segmenter: the model.
+        data: a labelled folder or CSV whose masks hold one id per object (16-bit PNG/TIFF, or 8-bit with
+            255 = ignore).
+        method: ``"amg"``.
+        amg: its settings.
+    """
+    report = check_dataset(data, mode="binary", num_classes=2, reading=segmenter.task.image_reading)
+    split = "test" if "test" in report.samples else None
+    samples = [s for s in report.usable_samples(split) if s.mask is not None]
+    truths = []
+    for sample in samples:
+        stored = read_mask(sample.mask)
+        ignore = stored == IGNORE_INDEX if stored.dtype == np.uint8 else np.zeros(stored.shape, bool)
+        truths.append((np.where(ignore, 0, stored).astype(np.int64), ignore))
+    if truths and max(len(np.unique(truth[truth > 0])) for truth, _ in truths) <= 1:
+        raise ValueError(
+            f"{data}: every mask holds at most one object id (binary masks?); instance metrics need masks with one "
+            "id per object (16-bit PNG/TIFF label images); score binary masks without --instances"
+        )
+    metrics = InstanceMetrics()
+    for sample, (truth, ignore) in zip(samples, truths, strict=True):
+        image = read_image(sample.image, segmenter.task.image_reading)
+        predicted, _ = segmenter.predict_instances(image, method, amg)
+        metrics.update(truth, predicted, ignore=ignore)
+    return {"images": len(samples), **metrics.compute()}
 
 
 def _draw_prompts(image: np.ndarray, ids: np.ndarray, prompts: Any) -> np.ndarray:
@@ -863,11 +909,12 @@ def _sizes(names: dict[str, Path]) -> dict[str, tuple[int, int]]:
 
 
 def merge_model(model_path: str | Path, output_dir: str | Path, *, base_model: str | None = None) -> dict[str, Any]:
-    """Fold a trained LoRA / Conv-LoRA adapter into its base model and save one self-contained checkpoint.
+    """Fold a trained adapter into its base model and save one self-contained checkpoint.
 
-    Conv-LoRA's linear part is folded into the weights exactly; its conv experts stay as a small frozen
-    side branch (reported as ``extra_parameters``). The output loads with ``Segmenter.from_pretrained``
-    and ``convlora.load_sam``.
+    Every method whose ``Method.mergeable`` is true merges (LoRA, DoRA, LoHa, LoKr, (IA)3, BOFT, VeRA, LN tuning
+    fold in exactly; Conv-LoRA's linear part folds in exactly and its conv experts stay as a small frozen side
+    branch, reported as ``extra_parameters``). The output loads with ``Segmenter.from_pretrained`` and
+    ``convlora.load_sam``.
 
     Args:
         model_path: the trained adapter folder.

@@ -93,5 +93,11 @@ def recipe(domain: str) -> Recipe:
     'balanced_bce'
     """
     if domain not in RECIPES:
+        from .synthetic import DOMAINS
+
+        if domain in DOMAINS and DOMAINS[domain].mode == "instances":
+            raise ValueError(
+                f"the {domain} domain holds instance masks; instance training (--mode instances) is not available yet"
+            )
         raise ValueError(f"Unknown domain {domain!r}; choose one of {sorted(RECIPES)}")
     return RECIPES[domain]

@@ -202,3 +202,31 @@ def test_id_maps_above_65535_objects_are_written_as_32_bit_tiff(tmp_path):
 
     with Image.open(small) as written:
         assert small.suffix == ".png" and np.array_equal(np.asarray(written), ids[:2, :2] + 300)
+
+
+def test_evaluate_with_instances_scores_amg_objects_against_16_bit_id_masks(tmp_path, capsys):
+    from PIL import Image
+
+    from convlora.cli import main
+
+    image, truth = drawn_discs()
+    for folder in ("images", "masks"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(image).save(tmp_path / "data" / "images" / f"{i}.png")
+        Image.fromarray((truth * (300 + i)).astype(np.uint16)).save(tmp_path / "data" / "masks" / f"{i}.png")
+    argv = ["evaluate", "--model", "convlora-tiny", "--data", str(tmp_path / "data"), "--instances", "amg"]
+    argv += ["--points_per_side", "8", "--pred_iou_thresh", "0.7", "--stability_score_thresh", "0.9"]
+    assert main([*argv, "--output", str(tmp_path / "scores.json")]) == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    expected = instance_scores(truth, generate_masks(
+        load_sam("convlora-tiny").eval(), image, AmgConfig(points_per_side=8, **RELAXED)).id_map())  # fmt: skip
+    assert scores["images"] == 2 and scores["n_true"] == 6
+    assert scores["msa"] == pytest.approx(expected["msa"]) and scores["recall_50"] == 1.0
+    binary = tmp_path / "binary"
+    (binary / "images").mkdir(parents=True)
+    (binary / "masks").mkdir()
+    Image.fromarray(image).save(binary / "images" / "0.png")
+    Image.fromarray(((truth > 0) * 255).astype(np.uint8)).save(binary / "masks" / "0.png")
+    assert main([*argv[:4], str(binary), "--instances", "amg"]) == 2
+    assert "at most one object id" in capsys.readouterr().err

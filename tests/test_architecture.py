@@ -25,6 +25,7 @@ LAYERS = {
     "artifact": 4,
     "prompting": 4,
     "evaluation": 4,
+    "instances": 4,
     "training": 5,
     "inference": 6,
     "recipes": 6,

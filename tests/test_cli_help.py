@@ -11,11 +11,14 @@ import pytest
 import torch
 
 from convlora.cli import build_parser, config_overrides, main
+from convlora.data import AugmentConfig
 from convlora.training.config import (
     GROUPS,
+    AdapterSettings,
     TrainConfig,
     apply_resumed_settings,
     load_config,
+    load_config_given,
     resolve_defaults,
     resume_config,
     resume_differences,
@@ -73,7 +76,7 @@ def test_field_options_reach_the_config_with_nested_keys_and_beat_the_config_fil
         ["--config", str(path), "--lr", "3e-4", "--conv_lora.r", "4", "--augment.hflip", "0", "--mode=binary"]
     )
     assert (config.data, config.lr, config.epochs, config.mode) == ("from_file", 3e-4, 7, "binary")
-    assert config.conv_lora == {"r": 4} and config.augment == {"hflip": 0}
+    assert config.conv_lora == AdapterSettings(r=4) and config.augment == AugmentConfig(hflip=0)
 
 
 def test_an_abbreviated_or_unknown_key_is_refused_not_guessed():
@@ -150,7 +153,7 @@ def test_a_resume_names_every_setting_it_changes():
         ({"method": "lora"}, "method: 'conv_lora' -> 'lora'"),
         ({"data": "other"}, "data: 'd' -> 'other'"),
         ({"mode": "binary"}, "mode: 'auto' -> 'binary'"),
-        ({"conv_lora": {"r": 8}}, "conv_lora: {} -> {'r': 8}"),
+        ({"conv_lora": {"r": 8}}, "conv_lora.r: 3 -> 8"),
         ({"batch_size": 2}, "batch_size: 4 -> 2"),
         ({"seed": 1}, "seed: 0 -> 1"),
     ],
@@ -177,12 +180,13 @@ def test_equivalent_nested_settings_and_fields_the_checkpoint_predates_are_no_di
 
 def test_a_resume_keeps_the_saved_values_of_settings_not_given_again():
     saved = saved_run(epochs=30, batch_size=2, conv_lora={"r": 4})
-    config, notes = resume_config(saved, load_config(overrides=["--data", "d", "--resume", "latest", "--lr", "3e-4"]))
-    assert (config.epochs, config.batch_size, config.conv_lora, config.lr) == (30, 2, {"r": 4}, 3e-4)
+    given = load_config_given(overrides=["--data", "d", "--resume", "latest", "--lr", "3e-4"])
+    config, notes = resume_config(saved, *given)
+    assert (config.epochs, config.batch_size, config.conv_lora, config.lr) == (30, 2, AdapterSettings(r=4), 3e-4)
     assert config.resume == "latest" and notes == ["lr: 0.001 -> 0.0003"]
-    nested = load_config(overrides=["--data", "d", "--conv_lora.r", "4", "--augment.hflip", "0.25"])
-    config, notes = resume_config(saved_run(conv_lora={"r": 4, "num_experts": 4}), nested)
-    assert config.conv_lora == {"r": 4, "num_experts": 4} and notes == ["augment: {} -> {'hflip': 0.25}"]
+    nested = load_config_given(overrides=["--data", "d", "--conv_lora.r", "4", "--augment.hflip", "0.25"])
+    config, notes = resume_config(saved_run(conv_lora={"r": 4, "num_experts": 4}), *nested)
+    assert config.conv_lora == AdapterSettings(r=4, num_experts=4) and notes == ["augment.hflip: 0.5 -> 0.25"]
 
 
 def test_a_config_built_in_python_counts_as_given_except_for_values_resolved_by_size():

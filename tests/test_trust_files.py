@@ -360,3 +360,19 @@ def test_single_json_outputs_replace_earlier_results_but_never_other_files(tmp_p
     report.write_text("{}")
     assert run_cli(["inspect", str(polyp_dir), "--json", str(report)], capsys)[0] == 0
     assert json.loads(report.read_text())["source"] == str(polyp_dir)
+
+
+@pytest.mark.slow
+def test_a_refused_run_folder_stops_every_process_of_a_multi_process_run(tmp_path, polyp_dir, tiny_sam_dir):
+    """Only the main process takes the lock; the refusal reaches the others, so none waits forever."""
+    run = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "convlora", "train"]
+    args = ["--data", str(polyp_dir), "--model", str(tiny_sam_dir), "--output_dir", str(run), "--no-progress"]
+    with owned_folder(run, "run", "train"):  # another run holds the folder
+        done = subprocess.run(
+            [*launch, *args], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
+    assert done.returncode != 0
+    assert f"in use by another convlora train (pid {os.getpid()}" in done.stderr
+    assert not (run / "config.json").exists()

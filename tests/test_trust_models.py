@@ -207,7 +207,7 @@ def test_load_trained_applies_the_single_mask_token_its_task_file_records(tmp_pa
 def test_the_training_engine_trains_and_evaluates_sam2_on_the_single_mask_token_it_records(tmp_path):
     from convlora.synthetic import write_dataset
     from convlora.training.config import load_config
-    from convlora.training.engine import _start
+    from convlora.training.engine import _make_accelerator, _start
 
     random_sam(tiny_sam2_config(image_size=128), seed=0).save_pretrained(tmp_path / "sam2")
     write_dataset("polyp", tmp_path / "polyp", train=4, val=2, test=0, size=64, seed=0)
@@ -219,7 +219,8 @@ def test_the_training_engine_trains_and_evaluates_sam2_on_the_single_mask_token_
         "--output_dir",
         str(tmp_path / "run"),
     ]
-    run = _start(load_config(overrides=[*paths, "--epochs", "1", "--batch_size", "2"]), show_progress=False)
+    config = load_config(overrides=[*paths, "--epochs", "1", "--batch_size", "2"])
+    run = _start(config, _make_accelerator(config, tmp_path / "run"), show_progress=False)
     try:
         decoders = [m for m in run.model.modules() if "dynamic_multimask_via_stability" in vars(m)]
         assert len(decoders) == 2 and not any(

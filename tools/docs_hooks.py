@@ -215,6 +215,8 @@ def _default_text(field: dataclasses.Field) -> str:
         return "required"
     if hasattr(value, "value") and not isinstance(value, (str, int, float)):  # enums
         value = value.value
+    if dataclasses.is_dataclass(value):  # nested settings: their own table has the defaults
+        return f"`{type(value).__name__}()`"
     return f"`{value!r}`"
 
 

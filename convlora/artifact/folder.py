@@ -208,7 +208,7 @@ def load_peft_folder(directory: str | Path, *, base_model: str | None) -> tuple[
     """
     directory = Path(directory)
     config = read_adapter_config(directory)
-    method = method_for_adapter(config.peft_type, str(directory))
+    method = method_for_adapter(config.peft_type, str(directory), config)
     if base_model is None:
         recorded = getattr(config, "base_model_name_or_path", None)
         said = f"records base_model_name_or_path {recorded!r}" if recorded else "records no base model"

@@ -1,15 +1,18 @@
 """Training methods by name: a plain-dict registry, one entry per method with build / export / load.
 
-``conv_lora``, ``lora``, ``decoder`` and ``full`` share one engine; they differ in which weights train and
-in what the run exports to its ``adapter/`` folder:
+Every method shares one engine; they differ in which weights train and in what the run exports to its
+``adapter/`` folder:
 
-- ``conv_lora`` / ``lora``: PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` (adapters and
-  the trained mask decoder), loaded onto the base model with ``PeftModel.from_pretrained``.
+- ``conv_lora`` and PEFT's own methods (``lora``, ``dora``, ``loha``, ``lokr``, ``ia3``, ``boft``, ``vera``,
+  ``ln_tuning``; configured by :mod:`convlora.artifact.peft_methods`): PEFT's ``adapter_config.json`` +
+  ``adapter_model.safetensors`` (the method's tensors and the trained mask decoder), loaded onto the base
+  model with ``PeftModel.from_pretrained``.
+- ``bitfit``: ``bitfit_model.safetensors``, every bias of the image encoder and the trained mask decoder.
 - ``decoder``: ``decoder_model.safetensors``, the trained mask decoder only.
 - ``full``: a complete checkpoint (``config.json`` + weights), loaded without the base model.
 
 >>> sorted(METHODS)
-['conv_lora', 'decoder', 'full', 'lora']
+['bitfit', 'boft', 'conv_lora', 'decoder', 'dora', 'full', 'ia3', 'ln_tuning', 'loha', 'lokr', 'lora', 'vera']
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ import safetensors.torch
 from peft import PeftModel
 from torch import nn
 
-from .._compat import quiet_peft_deprecations
+from .._compat import keep_trained_modules_on_unload, quiet_peft_deprecations
 from ..models import apply_conv_lora, find_sam, install_class_decoder
 from ..models.adapter_check import check_adapter_complete, check_adapter_matches, read_safetensors_shapes
-from ..models.adapters import apply_lora
 from ..models.merged_io import write_merged
+from .peft_methods import PEFT_METHODS, apply_peft_method, check_peft_options
 
 DECODER_WEIGHTS = "decoder_model.safetensors"
+BITFIT_WEIGHTS = "bitfit_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,8 @@ class Method:
     Args:
         name: the method's name (``TrainConfig.method``).
         uses_adapter: whether it reads the adapter settings (``TrainConfig.conv_lora``).
-        build: ``(base, adapter_config) -> model`` with exactly the method's weights trainable.
+        build: ``(base, adapter_config) -> model`` with exactly the method's weights trainable; PEFT's methods
+            also take ``options=`` (their config's other fields, ``--peft.KEY``).
         export: ``(model, folder)`` writes the trained weights into an existing (temporary) folder.
         load: ``(base, folder, source) -> model`` puts exported weights back onto ``base``; ``None`` for a
             method whose export is a whole model (loaded without a base).
@@ -80,6 +85,59 @@ def _build_full(base: nn.Module, adapter_config: Any) -> nn.Module:
     return base.requires_grad_(True)
 
 
+def _peft_build(name: str) -> Callable[..., nn.Module]:
+    def build(base: nn.Module, adapter_config: Any, options: dict[str, Any] | None = None) -> nn.Module:
+        return apply_peft_method(base, name, adapter_config, options=options)
+
+    build.__name__ = build.__qualname__ = f"build_{name}"
+    return build
+
+
+def _bitfit_tensors(model: nn.Module) -> dict[str, Any]:
+    """What BitFit trains and exports: every bias of the image encoder and the whole mask decoder, by SAM name."""
+    sam = find_sam(model)
+    biases = {f"vision_encoder.{n}": p for n, p in sam.vision_encoder.named_parameters() if n.split(".")[-1] == "bias"}
+    return biases | {f"mask_decoder.{n}": t for n, t in sam.mask_decoder.state_dict().items()}
+
+
+def _build_bitfit(base: nn.Module, adapter_config: Any) -> nn.Module:
+    base.requires_grad_(False)
+    sam = find_sam(base)
+    for name, param in sam.vision_encoder.named_parameters():
+        param.requires_grad_(name.split(".")[-1] == "bias")
+    sam.mask_decoder.requires_grad_(True)
+    return base
+
+
+def _export_bitfit(model: nn.Module, folder: Path) -> None:
+    tensors = {name: t.detach().contiguous().clone() for name, t in _bitfit_tensors(model).items()}
+    safetensors.torch.save_file(tensors, str(folder / BITFIT_WEIGHTS), metadata={"format": "pt"})
+
+
+def _load_bitfit(base: nn.Module, folder: Path, source: str) -> nn.Module:
+    weights = folder / BITFIT_WEIGHTS
+    if not weights.is_file():
+        raise ValueError(f"{folder} has no {BITFIT_WEIGHTS}")
+    expected = {name: tuple(t.shape) for name, t in _bitfit_tensors(base).items()}
+    found = read_safetensors_shapes(weights)
+    for name, shape in found.items():
+        if name not in expected:
+            raise ValueError(
+                f"{weights}: tensor {name} is no bias of the image encoder or tensor of the mask decoder of {source}; "
+                "it was trained on a different architecture"
+            )
+        if shape != expected[name]:
+            raise ValueError(
+                f"{weights}: tensor {name} has shape {list(shape)} but {source} expects {list(expected[name])}; it "
+                "was trained on a different base model"
+            )
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise ValueError(f"{weights} lacks {len(missing)} tensors {source} has, e.g. {missing[:3]}")
+    find_sam(base).load_state_dict(safetensors.torch.load_file(str(weights)), strict=False)
+    return base
+
+
 def _export_adapter(model: nn.Module, folder: Path) -> None:
     model.save_pretrained(str(folder))
 
@@ -97,7 +155,7 @@ def _load_adapter(base: nn.Module, folder: Path, source: str) -> nn.Module:
     except (RuntimeError, KeyError) as error:  # PEFT's own refusals of a mismatched state dict
         raise ValueError(f"{folder} does not fit base model {source}: {error}") from error
     check_adapter_complete(model, folder)
-    return model
+    return keep_trained_modules_on_unload(model)
 
 
 def _load_decoder(base: nn.Module, folder: Path, source: str) -> nn.Module:
@@ -129,7 +187,7 @@ METHODS: dict[str, Method] = {
         library="peft",
     ),
     "lora": Method(
-        "lora", True, apply_lora, _export_adapter, _load_adapter,
+        "lora", True, _peft_build("lora"), _export_adapter, _load_adapter,
         "PEFT's LoRA with the same targets and rank + the mask decoder", peft_type="LORA", label="LoRA",
         colour="#1f77b4", mergeable=True, merged_model="lora_merged", card_tags=("lora",), library="peft",
     ),
@@ -141,6 +199,48 @@ METHODS: dict[str, Method] = {
         "full", False, _build_full, write_merged, None, "every weight", label="full fine-tuning", colour="#7f7f7f",
         library="transformers",
     ),
+    # PEFT's own methods (convlora.artifact.peft_methods says how each is configured), merged into a plain model
+    "dora": Method(
+        "dora", True, _peft_build("dora"), _export_adapter, _load_adapter,
+        "PEFT's DoRA (LoRA with a learned magnitude per output) on the same targets + the mask decoder",
+        peft_type="LORA", label="DoRA", colour="#ff7f0e", mergeable=True, card_tags=("dora", "lora"), library="peft",
+    ),
+    "loha": Method(
+        "loha", True, _peft_build("loha"), _export_adapter, _load_adapter,
+        "PEFT's LoHa (Hadamard product of two low-rank pairs) on the same targets + the mask decoder",
+        peft_type="LOHA", label="LoHa", colour="#2ca02c", mergeable=True, card_tags=("loha",), library="peft",
+    ),
+    "lokr": Method(
+        "lokr", True, _peft_build("lokr"), _export_adapter, _load_adapter,
+        "PEFT's LoKr (Kronecker product, low-rank factor) on the same targets + the mask decoder",
+        peft_type="LOKR", label="LoKr", colour="#98df8a", mergeable=True, card_tags=("lokr",), library="peft",
+    ),
+    "ia3": Method(
+        "ia3", True, _peft_build("ia3"), _export_adapter, _load_adapter,
+        "PEFT's (IA)3 (learned scaling vectors) on the same targets + the mask decoder",
+        peft_type="IA3", label="(IA)3", colour="#8c564b", mergeable=True, card_tags=("ia3",), library="peft",
+    ),
+    "boft": Method(
+        "boft", True, _peft_build("boft"), _export_adapter, _load_adapter,
+        "PEFT's BOFT (butterfly orthogonal rotation) on the same targets + the mask decoder",
+        peft_type="BOFT", label="BOFT", colour="#e377c2", mergeable=True, card_tags=("boft",), library="peft",
+    ),
+    "vera": Method(
+        "vera", True, _peft_build("vera"), _export_adapter, _load_adapter,
+        "PEFT's VeRA (shared frozen random projections, trained scaling vectors) on the same targets + the "
+        "mask decoder", peft_type="VERA", label="VeRA", colour="#9467bd", mergeable=True, card_tags=("vera",),
+        library="peft",
+    ),
+    "ln_tuning": Method(
+        "ln_tuning", True, _peft_build("ln_tuning"), _export_adapter, _load_adapter,
+        "PEFT's LN tuning (the LayerNorms of the encoder blocks) + the mask decoder", peft_type="LN_TUNING",
+        label="LN tuning", colour="#c5b0d5", mergeable=True, card_tags=("ln-tuning",), library="peft",
+    ),
+    "bitfit": Method(
+        "bitfit", False, _build_bitfit, _export_bitfit, _load_bitfit,
+        "BitFit: every bias of the image encoder + the mask decoder", label="BitFit", colour="#17becf",
+        card_tags=("bitfit",),
+    ),
 }  # fmt: skip
 
 
@@ -151,22 +251,32 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def method_for_adapter(peft_type: Any, where: str) -> Method:
+def method_for_adapter(peft_type: Any, where: str, config: Any = None) -> Method:
     """The adapter method whose adapters have ``peft_type`` (``"CONV_LORA"``, ``"LORA"``), with a clear error.
 
     Args:
         peft_type: ``PeftConfig.peft_type`` (a ``PeftType`` member or its string).
         where: what to name in the error (the adapter folder).
+        config: the adapter's ``PeftConfig``, when known: of several methods with one ``peft_type`` (``lora``,
+            ``dora``), the one whose fixed settings it has (``use_dora=True``: ``dora``).
 
-    >>> method_for_adapter("CONV_LORA", "adapter").name
-    'conv_lora'
+    >>> method_for_adapter("CONV_LORA", "adapter").name, method_for_adapter("LOHA", "adapter").name
+    ('conv_lora', 'loha')
     """
     value = str(getattr(peft_type, "value", peft_type))
-    for method in METHODS.values():
-        if method.peft_type is not None and method.peft_type == value:
+    candidates = [m for m in METHODS.values() if m.peft_type is not None and m.peft_type == value]
+    for method in candidates:
+        fixed = PEFT_METHODS[method.name].fixed if method.name in PEFT_METHODS else {}
+        if fixed and config is not None and all(getattr(config, k, None) == v for k, v in fixed.items()):
             return method
-    known = sorted(method.peft_type for method in METHODS.values() if method.peft_type is not None)
-    raise ValueError(f"{where} holds a {value} adapter; convlora loads {' and '.join(known)} adapters")
+    for method in candidates:
+        fixed = PEFT_METHODS[method.name].fixed if method.name in PEFT_METHODS else {}
+        if not fixed:
+            return method
+    if candidates:
+        return candidates[0]
+    known = sorted({method.peft_type for method in METHODS.values() if method.peft_type is not None})
+    raise ValueError(f"{where} holds a {value} adapter; convlora loads {', '.join(known)} adapters")
 
 
 def freeze_unused_decoder_parts(model: nn.Module, mode: str) -> list[str]:
@@ -201,14 +311,16 @@ def build_task_model(
     adapter_config: Any = None,
     *,
     freeze_iou_head: bool = True,
+    peft_options: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Prepare a loaded SAM for ``task.method``: class decoder, adapters, and which weights train.
 
     Args:
         base: a ``SamModel`` at ``task.image_size``.
         task: the task; ``task.method`` picks the method.
-        adapter_config: a ``ConvLoraConfig`` for ``conv_lora`` / ``lora``.
+        adapter_config: a ``ConvLoraConfig`` for the adapter methods (``conv_lora``, ``lora``, ``dora``, ...).
         freeze_iou_head: freeze the decoder parts prompt-free training never uses.
+        peft_options: more fields of a PEFT method's config (``TrainConfig.peft``); refused for other methods.
 
     >>> from convlora.models import random_sam, tiny_sam_config
     >>> from convlora.artifact import TaskInfo
@@ -217,7 +329,12 @@ def build_task_model(
     """
     if task.mode == "multiclass":
         install_class_decoder(base, task.num_classes)
-    model = get_method(task.method).build(base, adapter_config)
+    method = get_method(task.method)
+    options = check_peft_options(task.method, peft_options or {})
+    if options:
+        model = method.build(base, adapter_config, options=options)  # type: ignore[call-arg]
+    else:
+        model = method.build(base, adapter_config)
     if freeze_iou_head:
         freeze_unused_decoder_parts(model, task.mode)
     return model

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..artifact.methods import METHODS
 from ..recipes import RECIPES, recipe
+from ..synthetic import DOMAINS
 
 KINDS = ("quality", "cost")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -105,6 +106,12 @@ class QualityExperiment:
         if not self.domains:
             raise ValueError(f"{self.name}: domains must list at least one domain of {sorted(RECIPES)}")
         unknown = [d for d in self.domains if d not in RECIPES]
+        instances = [d for d in unknown if d in DOMAINS and DOMAINS[d].mode == "instances"]
+        if instances:
+            raise ValueError(
+                f"{self.name}: the {instances[0]} domain holds instance masks; instance training (--mode instances) "
+                "is not available yet"
+            )
         if unknown:
             raise ValueError(f"{self.name}: unknown domains {unknown}; choose from {sorted(RECIPES)}")
         self.arms = [a if isinstance(a, Arm) else Arm(**a) for a in self.arms]

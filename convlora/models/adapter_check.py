@@ -3,7 +3,9 @@
 ``PeftModel.from_pretrained`` reports a shape mismatch only once it has started copying tensors, and
 cannot tell a truncated file from a tampered one. This module validates ``adapter_config.json``, reads
 the safetensors header (no tensor data), checks that the file is intact, and compares every saved tensor
-with the module it belongs to in the base model, naming both shapes on a mismatch; after loading,
+with the module it belongs to in the base model, naming both shapes on a mismatch (LoRA's and Conv-LoRA's
+tensors by their shapes; other PEFT methods' tensors by the module they adapt, their shapes then by PEFT
+itself when loading); after loading,
 :func:`check_adapter_complete` refuses a model some of whose adapter tensors were not in the file.
 
 A damaged header or a truncated file is caught here; altered tensor bytes are not (safetensors has no
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from peft import PeftConfig, get_peft_model_state_dict
+from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 from safetensors import safe_open
 from torch import nn
 
@@ -31,6 +34,7 @@ _ADAPTER_TENSORS = {
     "conv_lora_B.weight": lambda linear, r: (linear.out_features, r),
     "lora_A.weight": lambda linear, r: (r, linear.in_features),
     "lora_B.weight": lambda linear, r: (linear.out_features, r),
+    "lora_magnitude_vector": lambda linear, r: (linear.out_features,),  # DoRA
 }
 
 
@@ -82,7 +86,9 @@ def check_adapter_matches(base: nn.Module, directory: str | Path) -> None:
     if hasattr(config, "resolve_targets"):  # a Conv-LoRA adapter: refuse another family's, naming both
         sam = find_sam(base)
         config.resolve_targets(sam.config.model_type, f"{type(sam).__name__} (loading {directory})")
-    rank = config.r
+    rank = getattr(config, "r", None)
+    # the name every tensor of the method's layers starts with ("hada_", "ia3_", "vera_lambda_"), None if unknown
+    prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(config.peft_type)
     weights = directory / ADAPTER_WEIGHTS
     shapes = read_safetensors_shapes(weights)
     modules = dict(base.named_modules())
@@ -114,6 +120,8 @@ def check_adapter_matches(base: nn.Module, directory: str | Path) -> None:
                         "model; the adapter was trained on a different architecture"
                     )
                 continue
+            if prefix is not None and _method_tensor(name, prefix, modules, weights, key):
+                continue
             target = params.get(name)
             if target is None:
                 raise ValueError(
@@ -125,6 +133,27 @@ def check_adapter_matches(base: nn.Module, directory: str | Path) -> None:
                     f"{weights}: tensor {key} has shape {list(shape)} but the base model's {name} has shape "
                     f"{list(target.shape)}; the adapter was trained on a different base model"
                 )
+
+
+def _method_tensor(name: str, prefix: str, modules: dict[str, nn.Module], weights: Path, key: str) -> bool:
+    """Whether a saved tensor belongs to the adapter method's layers (refusing one whose module is missing).
+
+    PEFT saves a layer's tensors as ``<module>.<prefix>...`` (``...attn.qkv.hada_w1_a``) and a method's shared
+    tensors at the top (VeRA's ``base_model.vera_A``); their shapes are checked by PEFT when loading.
+    """
+    parts = name.split(".")
+    if len(parts) == 2 and parts[0] == "base_model" and parts[1].split("_")[0] == prefix.split("_")[0]:
+        return True
+    index = next((i for i, part in enumerate(parts) if part.startswith(prefix)), None)
+    if index is None or index == 0:
+        return False
+    module_name = ".".join(parts[:index])
+    if module_name not in modules:
+        raise ValueError(
+            f"{weights}: tensor {key} adapts {module_name!r}, which is not a module of the base model; the adapter "
+            "was trained on a different architecture"
+        )
+    return True
 
 
 def read_adapter_config(directory: str | Path) -> Any:

@@ -39,7 +39,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def parameter_counts(
-    variant: str = "vit-b", config: Any = None, *, plain_lora: bool = False, family: str = "sam"
+    variant: str = "vit-b", config: Any = None, *, plain_lora: bool = False, family: str = "sam", method: Any = None
 ) -> dict[str, Any]:
     """Parameter counts of a released model variant with adapters, built on the meta device (no weights).
 
@@ -50,12 +50,15 @@ def parameter_counts(
         config: the adapter configuration (defaults when ``None``).
         plain_lora: count PEFT's LoRA with the same targets instead of Conv-LoRA.
         family: ``"sam"``, ``"sam2"`` or ``"sam3"``.
+        method: count this training method instead (a ``convlora.artifact.Method``: its ``name``, ``build``
+            and ``mergeable`` are read), e.g. ``METHODS["loha"]``.
 
     Returns:
-        A dict with ``model`` (base parameters), ``adapter`` (LoRA or Conv-LoRA tensors),
-        ``conv_experts`` (the expert mixtures' share of ``adapter``), ``mask_decoder`` (trained in full),
-        ``trainable`` (adapter + mask decoder) and ``merged_extra`` (what a merged model keeps on top of the
-        base architecture).
+        A dict with ``model`` (base parameters), ``adapter`` (the trained tensors outside the mask decoder:
+        LoRA or Conv-LoRA tensors, a PEFT method's, BitFit's encoder biases), ``conv_experts`` (the expert
+        mixtures' share of ``adapter``), ``mask_decoder`` (trained in full), ``trainable`` (adapter + mask
+        decoder) and ``merged_extra`` (what a merged model keeps on top of the base architecture; ``None``
+        for a method that does not merge).
 
     >>> parameter_counts("vit-b")["model"]
     93735728
@@ -72,19 +75,27 @@ def parameter_counts(
         model = model_cls(model_config)
     base_total = count_parameters(model)
     decoder = count_parameters(model.mask_decoder)
-    peft_model = apply_conv_lora(model, config, plain_lora=plain_lora)
-    adapter = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
-    experts = sum(p.numel() for n, p in peft_model.named_parameters() if "conv_lora_experts" in n)
+    if method is None:
+        name, mergeable = ("lora" if plain_lora else "conv_lora"), True
+        peft_model = apply_conv_lora(model, config, plain_lora=plain_lora)
+    else:
+        name, mergeable = method.name, method.mergeable
+        peft_model = method.build(model, config)
     trainable = count_parameters(peft_model, trainable_only=True)
-    merged = peft_model.merge_and_unload()
+    # named_parameters() lists a shared parameter once
+    adapter = sum(
+        p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and ".mask_decoder." not in f".{n}"
+    )
+    experts = sum(p.numel() for n, p in peft_model.named_parameters() if "conv_lora_experts" in n)
+    merged = peft_model.merge_and_unload() if mergeable else None
     return {
         "family": family,
         "variant": variant,
-        "method": "lora" if plain_lora else "conv_lora",
+        "method": name,
         "model": base_total,
         "adapter": adapter,
         "conv_experts": experts,
         "mask_decoder": decoder,
         "trainable": trainable,
-        "merged_extra": merged_extra_parameters(merged),
+        "merged_extra": None if merged is None else merged_extra_parameters(merged),
     }

@@ -3,7 +3,9 @@
 Each domain is a generator ``generate(rng, height, width) -> (image uint8 (h, w, 3), mask uint8 (h, w))``
 built to carry the real difficulty of the dataset it imitates (low-contrast polyps, fuzzy lesion borders,
 camouflage, shadows among dark objects, disease spots on leaves, thin roads, overlapping classes). Binary
-masks are {0, 255}; the multi-class scene mask holds class ids.
+masks are {0, 255}; the multi-class scene mask holds class ids. The nuclei domain is for instance
+segmentation: 12-bit fluorescence images (uint16 ``(h, w)``) and uint16 instance-id masks, both written
+as 16-bit PNGs.
 
 >>> from convlora.synthetic import DOMAINS, sample
 >>> image, mask = sample("polyp", 0, size=64, square=True)

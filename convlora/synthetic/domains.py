@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import camouflage, leaf, polyp, road, scene, shadow, skin
+from . import camouflage, leaf, nuclei, polyp, road, scene, shadow, skin
 
 Generator = Callable[[np.random.Generator, int, int], tuple[np.ndarray, np.ndarray]]
 
-MODES = ("binary", "multiclass")
+MODES = ("binary", "multiclass", "instances")
 
 # Bump whenever any generator's output changes: it is recorded in dataset.json, so a stale dataset on
 # disk is regenerated instead of reused.
@@ -29,11 +29,14 @@ class DomainSpec:
     Args:
         name: registry key.
         generate: ``generate(rng, height, width) -> (image, mask)``.
-        mode: ``"binary"`` ({0, 255} masks) or ``"multiclass"`` (masks of class ids).
-        class_names: names by class id, ``class_names[0]`` the background; two names for binary domains.
+        mode: ``"binary"`` ({0, 255} masks), ``"multiclass"`` (masks of class ids) or ``"instances"``
+            (uint16 masks of instance ids, 0 = background, one id per object).
+        class_names: names by class id, ``class_names[0]`` the background; two names for binary and instance
+            domains.
         description: what the images show and what makes them hard.
         imitates: the paper dataset this domain stands in for.
-        metric: name of the domain's main metric (``s_measure``, ``iou``, ``ber`` or ``miou``).
+        metric: name of the domain's main metric (``s_measure``, ``iou``, ``ber``, ``miou``, or ``msa`` for
+            instances).
 
     >>> DOMAINS["road"].num_classes
     2
@@ -50,10 +53,10 @@ class DomainSpec:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"DomainSpec {self.name!r}: mode must be one of {MODES}, got {self.mode!r}")
-        if len(self.class_names) < 2 or (self.mode == "binary" and len(self.class_names) != 2):
+        if len(self.class_names) < 2 or (self.mode != "multiclass" and len(self.class_names) != 2):
             raise ValueError(
-                f"DomainSpec {self.name!r}: class_names must hold 2 names for a binary domain and at least 2 for a "
-                f"multiclass one, got {len(self.class_names)}"
+                f"DomainSpec {self.name!r}: class_names must hold 2 names for a binary or instance domain and at "
+                f"least 2 for a multiclass one, got {len(self.class_names)}"
             )
         if not callable(self.generate):
             raise ValueError(f"DomainSpec {self.name!r}: generate must be callable, got {type(self.generate).__name__}")
@@ -92,4 +95,9 @@ DOMAINS: dict[str, DomainSpec] = {
         "scene", scene.generate, "multiclass", scene.CLASS_NAMES,
         "eight overlapping object classes, each with its own shape family and surface pattern, on a textured "
         "ground", "Trans10K (multi-class)", "miou"),
+    "nuclei": DomainSpec(
+        "nuclei", nuclei.generate, "instances", ("background", "nucleus"),
+        "12-bit fluorescence nuclei (uint16 images, 16-bit instance-id masks) crowding into clusters that touch "
+        "with no background between them, some lying over others, dim ones, uneven light and shot noise",
+        "2018 Data Science Bowl (BBBC038) fluorescence nuclei", "msa"),
 }  # fmt: skip

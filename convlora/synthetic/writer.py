@@ -3,9 +3,10 @@
 Layout written by :func:`write_dataset`::
 
     out_dir/dataset.json                 domain, seed, size, counts, generator version, pixels_sha256
-    out_dir/classes.json                 class names by id (multi-class domains only)
-    out_dir/{train,val,test}/images/NNNNN.png
-    out_dir/{train,val,test}/masks/NNNNN.png   {0, 255} (binary) or class ids (multi-class), 8-bit grey
+    out_dir/classes.json                 class names by id (multi-class and instance domains)
+    out_dir/{train,val,test}/images/NNNNN.png  8-bit RGB, or 16-bit grey where the domain draws uint16 (nuclei)
+    out_dir/{train,val,test}/masks/NNNNN.png   {0, 255} (binary) or class ids (multi-class), 8-bit grey;
+                                               instance ids 1..n (instance domains), 16-bit grey
 
 Every sample draws its randomness from ``(seed, split, index, domain)`` alone, so a dataset of 100
 images starts with the same 10 as a dataset of 10. ``pixels_sha256`` hashes the decoded pixels: PNG bytes
@@ -46,6 +47,9 @@ def sample(
     domain: str, index: int, *, split: str = "train", size: int = 128, seed: int = 0, square: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``index``-th sample of a domain's split: ``(image uint8 (h, w, 3), mask uint8 (h, w))``.
+
+    Instance domains (``mode="instances"``) give their own types instead: the nuclei domain a uint16
+    ``(h, w)`` 12-bit image and a uint16 map of instance ids.
 
     Height and width are drawn independently in ``[0.8 * size, 1.2 * size]`` unless ``square``.
 
@@ -157,24 +161,48 @@ def write_dataset(
             (tmp / split / "masks").mkdir()
             for i in range(count):
                 image, mask = sample(domain, i, split=split, size=size, seed=seed, square=square)
-                digest.update(f"{split}/{i}:{mask.shape}".encode() + image.tobytes() + mask.tobytes())
+                if spec.mode == "instances":
+                    mask = mask.astype(np.uint16)  # 16-bit PNG whatever the count of ids
+                digest.update(f"{split}/{i}:{mask.shape}".encode() + _le_bytes(image) + _le_bytes(mask))
+                # uint16 (h, w) arrays become 16-bit grey PNGs (Pillow's "I;16")
                 Image.fromarray(image).save(tmp / split / "images" / f"{i:05d}.png", compress_level=6)
                 Image.fromarray(mask).save(tmp / split / "masks" / f"{i:05d}.png", compress_level=6)
-        if spec.mode == "multiclass":
+        if spec.mode != "binary":
             write_json(tmp / "classes.json", list(spec.class_names))
         write_json(tmp / "dataset.json", {**info, "pixels_sha256": digest.hexdigest()})
     return out_dir
 
 
+def _le_bytes(array: np.ndarray) -> bytes:
+    """The array's bytes in little-endian order (the same digest on any machine for 16-bit samples)."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
 def mask_to_rgb(mask: np.ndarray, mode: str) -> np.ndarray:
     """A viewable RGB rendering of a mask: grey levels for binary masks, a fixed colour per class id otherwise.
 
+    Instance ids cycle through the colours, never black, so every object shows.
+
     >>> mask_to_rgb(np.array([[0, 2]], np.uint8), "multiclass")[0, 1].tolist()
     [60, 180, 75]
+    >>> mask_to_rgb(np.array([[0, 12]], np.uint16), "instances")[0, 1].tolist()
+    [230, 25, 75]
     """
     if mode == "binary":
         return np.repeat(mask[..., None], 3, axis=-1)
+    if mode == "instances":
+        ids = mask.astype(np.int64)
+        return _PREVIEW_COLOURS[np.where(ids > 0, 1 + (ids - 1) % (len(_PREVIEW_COLOURS) - 1), 0)]
     return _PREVIEW_COLOURS[mask % len(_PREVIEW_COLOURS)]
+
+
+def _viewable(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB of a sample image: 8-bit RGB as it is, others (16-bit grey) read as convlora reads files."""
+    if image.dtype == np.uint8 and image.ndim == 3:
+        return image
+    from ..data.decode import to_rgb8  # the data package loads torch: only when a preview needs it
+
+    return to_rgb8(image)
 
 
 def preview_grid(domain: str, n: int = 8, seed: int = 0, *, size: int = 128, columns: int = 4) -> np.ndarray:
@@ -197,7 +225,7 @@ def preview_grid(domain: str, n: int = 8, seed: int = 0, *, size: int = 128, col
     tiles = []
     for i in range(n):
         image, mask = sample(domain, i, size=size, seed=seed, square=True)
-        tiles.append(np.concatenate([image, mask_to_rgb(mask, spec.mode)], axis=1))
+        tiles.append(np.concatenate([_viewable(image), mask_to_rgb(mask, spec.mode)], axis=1))
     tile_h, tile_w = size, 2 * size
     rows = -(-n // columns)
     cols = min(columns, n)

@@ -1,21 +1,34 @@
 """``TrainConfig``: everything a fine-tuning run needs, as one validated dataclass.
 
 A run is described by a JSON or TOML file and/or ``--key value`` overrides on the command line
-(``--conv_lora.r 4`` reaches into the nested adapter settings). The resolved config is written to the
-run folder, so a run can always be repeated or resumed from what it wrote.
+(``--conv_lora.r 4`` reaches into the nested settings). The nested settings are typed dataclasses:
+``conv_lora`` (:class:`AdapterSettings`), ``augment`` (:class:`~convlora.data.AugmentConfig`) and
+``prompting`` (:class:`~convlora.data.prompts.PromptConfig`); ``peft`` is a mapping of the chosen PEFT
+method's config fields (``--peft.use_rslora true``), checked against that config class by
+:func:`~convlora.artifact.peft_methods.check_peft_options`. One checker, :func:`check_fields`, holds
+every field to its type hint. The resolved config is written to the run folder, so a run can always be
+repeated or resumed from what it wrote; :func:`load_config_given` also says which settings the user gave,
+and a resume (:func:`resume_config`) keeps the saved values of the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from .._compat import set_last_lr
 from ..artifact.methods import METHODS
+from ..artifact.peft_methods import check_peft_options
+from ..data.prompts import PromptConfig
+from ..data.transforms import AugmentConfig
+from ..tuner.config import ConvLoraConfig
 
 MODES = ("auto", "binary", "multiclass")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -32,7 +45,7 @@ def option(
     group: str,
     help: str,
     factory: Callable[[], Any] | None = None,
-    choices: tuple[str, ...] | None = None,
+    choices: Collection[str] | None = None,
     resume: str | None = None,
 ) -> Any:
     """A :class:`TrainConfig` field whose metadata drives validation, ``convlora train --help`` and the docs.
@@ -61,6 +74,62 @@ def option(
     return field(default=default, metadata=metadata)
 
 
+def _adapter_field(name: str) -> Any:
+    """An unset :class:`AdapterSettings` field with the help of the ConvLoraConfig field ``name`` and its default."""
+    source = ConvLoraConfig.__dataclass_fields__[name]
+    default = source.default if source.default_factory is dataclasses.MISSING else source.default_factory()
+    text = source.metadata["help"] + ("" if default is None else f" Unset: {default!r}.")
+    return field(default=None, metadata={"help": text})
+
+
+@dataclass
+class AdapterSettings:
+    """The adapter a run trains (``TrainConfig.conv_lora``, ``--conv_lora.r 4``): ConvLoraConfig's choices.
+
+    Each field is the :class:`~convlora.ConvLoraConfig` field of that name; unset (``None``) means
+    ConvLoraConfig's default, so a run records only what it chose and :meth:`build` makes a new
+    ConvLoraConfig each time (applying one resolves its targets in place). Left out are the fields that
+    describe a saved adapter file rather than a run: ``peft.PeftConfig``'s own (``peft_type``, ``task_type``,
+    ``base_model_name_or_path``, ...) and ``format_version``; and ``target_parameters`` (unsupported).
+    Method ``lora`` reads the rank, alpha, dropout, targets and ``modules_to_save``; PEFT's other methods what
+    :func:`~convlora.artifact.peft_methods.reads` lists (a setting a method does not read is named at the start).
+
+    >>> AdapterSettings(r=4).build().r, AdapterSettings().build().r, AdapterSettings(layers="0,2").layers
+    (4, 3, [0, 2])
+    """
+
+    r: int | None = _adapter_field("r")
+    lora_alpha: float | None = _adapter_field("lora_alpha")
+    lora_dropout: float | None = _adapter_field("lora_dropout")
+    target_modules: list[str] | str | None = _adapter_field("target_modules")  # noqa: RUF009 (a field specifier)
+    target_preset: str | None = _adapter_field("target_preset")
+    layers: list[int] | None = _adapter_field("layers")  # noqa: RUF009 (a field specifier)
+    family: str | None = _adapter_field("family")
+    exclude_modules: list[str] | str | None = _adapter_field("exclude_modules")  # noqa: RUF009 (a field specifier)
+    num_experts: int | None = _adapter_field("num_experts")
+    expert_scales: list[float] | None = _adapter_field("expert_scales")  # noqa: RUF009 (a field specifier)
+    top_k: int | None = _adapter_field("top_k")
+    expert_conv: str | None = _adapter_field("expert_conv")
+    interpolation: str | None = _adapter_field("interpolation")
+    weighted_combine: bool | None = _adapter_field("weighted_combine")
+    noisy_gating: bool | None = _adapter_field("noisy_gating")
+    aux_loss_weight: float | None = _adapter_field("aux_loss_weight")
+    modules_to_save: list[str] | None = _adapter_field("modules_to_save")  # noqa: RUF009 (a field specifier)
+    init_lora_weights: bool | None = _adapter_field("init_lora_weights")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.build()  # ConvLoraConfig checks the values and how they combine
+
+    def build(self) -> ConvLoraConfig:
+        """A new :class:`~convlora.ConvLoraConfig` with the values set here and its defaults for the rest."""
+        return ConvLoraConfig(**self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The values set, as ``RUN/config.json`` stores them (unset ones left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
 @dataclass
 class TrainConfig:
     """Configuration of a fine-tuning run.
@@ -69,11 +138,12 @@ class TrainConfig:
     source of ``convlora train --help``, of the configuration reference and of the validation here; the
     fields are listed, grouped, with their types and defaults by ``convlora train --help``. Fields left
     unset (``None``) are resolved when a run starts: ``lr`` by the base model's size class
-    (:func:`resolve_defaults`). Construct it with one keyword per field.
+    (:func:`resolve_defaults`). Construct it with one keyword per field; the nested settings take their
+    dataclass or a mapping of its fields. ``prompting.kind`` is always the ``prompt`` field.
 
-    >>> config = TrainConfig(data="data/polyp", epochs=3)
-    >>> config.lr is None, TrainConfig.__dataclass_fields__["lr"].metadata["group"]
-    (True, 'optimisation')
+    >>> config = TrainConfig(data="data/polyp", epochs=3, augment={"hflip": 0})
+    >>> config.lr is None, TrainConfig.__dataclass_fields__["lr"].metadata["group"], config.augment.hflip
+    (True, 'optimisation', 0.0)
     """
 
     # To add a field: `name: type = option(default, group=..., help="One line.")`; it appears in --help and the
@@ -125,9 +195,9 @@ class TrainConfig:
         help="auto (instance-id masks read as binary, nonzero = foreground), instances (always) or classes (class "
         "ids or 0/255, 0/1).",
     )
-    augment: dict[str, Any] = option(  # noqa: RUF009 (option() is a field specifier)
+    augment: AugmentConfig = option(  # noqa: RUF009 (option() is a field specifier)
         group="data",
-        factory=dict,
+        factory=AugmentConfig,
         resume="apply",
         help="Augmentation settings, nested: --augment.hflip 0.5, --augment.scale [0.8,1.2] (see AugmentConfig).",
     )
@@ -146,14 +216,21 @@ class TrainConfig:
     method: str = option(
         "conv_lora",
         group="method",
-        choices=tuple(METHODS),
-        help="conv_lora, lora (same targets and rank), decoder (mask decoder only) or full (every weight).",
+        choices=METHODS.keys(),  # a live view: a method registered later is a choice too
+        help="conv_lora; PEFT's lora, dora, loha, lokr, ia3, boft, vera (same targets, rank), ln_tuning; bitfit "
+        "(biases); decoder (mask decoder only); full (every weight).",
     )
-    conv_lora: dict[str, Any] = option(  # noqa: RUF009 (option() is a field specifier)
+    conv_lora: AdapterSettings = option(  # noqa: RUF009 (option() is a field specifier)
+        group="method",
+        factory=AdapterSettings,
+        help="Adapter settings (ConvLoraConfig fields, see AdapterSettings), nested: --conv_lora.r 4; lora reads its "
+        "rank, alpha, dropout and targets.",
+    )
+    peft: dict[str, Any] = option(  # noqa: RUF009 (option() is a field specifier)
         group="method",
         factory=dict,
-        help="Adapter settings (ConvLoraConfig fields), nested: --conv_lora.r 4; lora reads its rank, alpha, "
-        "dropout and targets.",
+        help="Options of a PEFT method: other fields of its PEFT config, nested: --peft.use_rslora true (lora, dora), "
+        "--peft.boft_block_size 8 (boft).",
     )
     freeze_iou_head: bool = option(
         True, group="method", help="Keep SAM's IoU head (unused by mask losses) frozen, as the paper does."
@@ -165,9 +242,9 @@ class TrainConfig:
         help="Prompted fine-tuning with prompts drawn from the masks: box, point, box_point or mixed (one kind per "
         "step); none: prompt-free.",
     )
-    prompting: dict[str, Any] = option(  # noqa: RUF009 (option() is a field specifier)
+    prompting: PromptConfig = option(  # noqa: RUF009 (option() is a field specifier)
         group="method",
-        factory=dict,
+        factory=PromptConfig,
         help="Prompt settings, nested: --prompting.max_objects 8, --prompting.box_jitter 0.1, "
         "--prompting.correction_rounds 2 (see PromptConfig).",
     )
@@ -235,27 +312,22 @@ class TrainConfig:
     overlay_samples: int = option(8, group="logging", help="Validation images drawn in the overlay grid.")
 
     def __post_init__(self) -> None:
-        _split_lists(self)
-        _check_types(self)
+        if isinstance(self.prompting, dict) and "kind" in self.prompting:
+            raise ValueError("prompting.kind: choose the prompt kind with prompt (--prompt box)")
+        check_fields(self)
+        self.prompting = dataclasses.replace(self.prompting, kind=self.prompt)
         if not self.data:
             raise ValueError("data is required: a dataset folder or a CSV file of image,mask paths")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices is not None and getattr(self, f.name) is not None:
-                _choice(f.name, getattr(self, f.name), choices)
         for name in ("epochs", "batch_size", "grad_accum", "eval_every_epochs", "keep_checkpoints", "log_every_steps"):
             _positive(name, getattr(self, name))
         for name in ("num_workers", "save_every_steps", "overlay_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_steps is not None:
-            _positive("max_steps", self.max_steps)
-        if self.early_stopping_patience is not None:
-            _positive("early_stopping_patience", self.early_stopping_patience)
+        for name in ("max_steps", "early_stopping_patience", "image_size"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
         if self.num_classes is not None and self.num_classes < 2:
             raise ValueError(f"num_classes counts the background too and must be >= 2, got {self.num_classes}")
-        if self.image_size is not None:
-            _positive("image_size", self.image_size)
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.lr is not None and self.lr <= 0:
@@ -264,50 +336,34 @@ class TrainConfig:
             raise ValueError("weight_decay and grad_clip must be >= 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not METHODS[self.method].uses_adapter and self.conv_lora:
+        if not METHODS[self.method].uses_adapter and self.conv_lora.to_dict():
             raise ValueError(f"conv_lora settings do not apply to method {self.method!r}")
+        self.peft = check_peft_options(self.method, self.peft)
+        if self.peft and self.init_adapter is not None:
+            raise ValueError(
+                f"peft options {sorted(self.peft)} do not apply with init_adapter: the saved adapter's own "
+                "adapter_config.json decides them"
+            )
         if self.init_adapter is not None and self.method == "full":
             raise ValueError(
                 f"init_adapter does not apply to method 'full'; start from the exported model with --model "
                 f"{self.init_adapter}"
             )
-        self.adapter_config()  # validates the nested adapter settings early
-        self.augment_config()
-        self.prompt_config()
+        if self.prompt == "none" and self.prompting != PromptConfig():
+            default = _resolved("prompting", PromptConfig())
+            changed = [k for k, v in _resolved("prompting", self.prompting).items() if v != default[k]]
+            raise ValueError(f"prompting settings {changed} need a prompt kind (--prompt box, ...)")
         self.image_reading()
         if self.mask_reading == "instances" and (self.mode == "multiclass" or (self.num_classes or 2) != 2):
             raise ValueError("mask_reading 'instances' makes a binary task (nonzero = foreground); mode must be binary")
 
-    def adapter_config(self) -> Any:
-        """The :class:`~convlora.ConvLoraConfig` described by ``conv_lora``."""
-        from ..tuner.config import ConvLoraConfig
+    def augment_config(self) -> AugmentConfig:
+        """The same as ``augment``; kept for callers written when it was a mapping."""
+        return self.augment
 
-        try:
-            return ConvLoraConfig(**self.conv_lora)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"conv_lora: {error}") from error
-
-    def augment_config(self) -> Any:
-        """The augmentation settings described by ``augment``."""
-        from ..data import AugmentConfig
-
-        try:
-            return AugmentConfig(**self.augment)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"augment: {error}") from error
-
-    def prompt_config(self) -> Any:
-        """The :class:`~convlora.data.prompts.PromptConfig` of ``prompt`` and the nested ``prompting`` settings."""
-        from ..data.prompts import PromptConfig
-
-        if "kind" in self.prompting:
-            raise ValueError("prompting.kind: choose the prompt kind with prompt (--prompt box)")
-        if self.prompting and self.prompt == "none":
-            raise ValueError(f"prompting settings {sorted(self.prompting)} need a prompt kind (--prompt box, ...)")
-        try:
-            return PromptConfig(kind=self.prompt, **self.prompting)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"prompting: {error}") from error
+    def prompt_config(self) -> PromptConfig:
+        """The same as ``prompting`` (whose ``kind`` is ``prompt``); kept for callers written when it was a mapping."""
+        return self.prompting
 
     def image_reading(self) -> Any:
         """The :class:`~convlora.data.ImageReading` of ``intensity``, ``intensity_range`` and ``channels``."""
@@ -316,35 +372,70 @@ class TrainConfig:
         return reading_of(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able copy of every field."""
-        return dataclasses.asdict(self)
+        """A JSON-able copy of every field, the nested settings as mappings (``RUN/config.json``).
+
+        ``conv_lora`` holds the values set (ConvLoraConfig's defaults for the rest), ``augment`` and
+        ``prompting`` every value (``prompting`` without ``kind``, which is ``prompt``).
+        """
+        data = dataclasses.asdict(self)
+        data.update({name: _section_dict(name, getattr(self, name)) for name in _NESTED})
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
-        """Build from a mapping, refusing unknown keys with a message naming ``source``."""
+        """Build from a mapping (nested settings as mappings), refusing unknown keys in a message naming ``source``."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except _UnknownKeys as error:
+            raise ValueError(f"{source}: {error}") from None
+
+
+# the nested settings, and what each leaves to an outer field (prompting.kind is prompt)
+_NESTED = {"conv_lora": (), "augment": (), "prompting": ("kind",)}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **fields: Any) -> TrainConfig:
     """Read a JSON/TOML config file, apply ``--key value`` overrides and keyword fields, and validate.
+
+    A resume keeps the saved values of the settings not given again only when it is told which were
+    given: :func:`load_config_given` returns them too (``convlora train`` uses it).
+
+    Args:
+        path: a ``.json`` or ``.toml`` file, or ``None``.
+        overrides: command-line style pairs, e.g. ``["--lr", "3e-4", "--conv_lora.r", "4"]``.
+        fields: more fields, applied last (nested settings as mappings or as their dataclass).
+
+    >>> load_config(overrides=["--data", "data/polyp", "--conv_lora.r", "4"]).conv_lora.to_dict()
+    {'r': 4}
+    """
+    return load_config_given(path, overrides, **fields)[0]
+
+
+def load_config_given(
+    path: str | Path | None = None, overrides: list[str] | None = None, **fields: Any
+) -> tuple[TrainConfig, frozenset[str]]:
+    """:func:`load_config`, and the dotted keys the user gave (file, command line, keywords).
+
+    Pass the keys to :func:`resume_config` (or ``train(config, given=...)``): a resumed run takes those
+    from this config and keeps the saved values of the rest. A nested setting given as a whole dataclass
+    counts as given in full (``"conv_lora"``).
 
     Args:
         path: a ``.json`` or ``.toml`` file, or ``None``.
         overrides: command-line style pairs, e.g. ``["--lr", "3e-4", "--conv_lora.r", "4"]``.
         fields: more fields, applied last.
 
-    >>> load_config(overrides=["--data", "data/polyp", "--conv_lora.r", "4"]).conv_lora
-    {'r': 4}
+    >>> config, given = load_config_given(overrides=["--data", "d", "--augment.hflip", "0"], epochs=3)
+    >>> sorted(given), config.augment.hflip
+    (['augment.hflip', 'data', 'epochs'], 0.0)
     """
     data: dict[str, Any] = {}
-    source = "config"
     if path is not None:
         path = Path(path)
-        source = str(path)
         if not path.is_file():
             raise ValueError(f"config file {path} does not exist")
         text = path.read_text()
@@ -361,13 +452,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ValueError(f"config file {path} is not valid {path.suffix[1:].upper()}: {error}") from error
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping of keys to values")
-    for key, value in _parse_overrides(overrides or []):
+    pairs = _parse_overrides(overrides or [])
+    for key, value in pairs:
         _set_dotted(data, key, value, source="command line")
-        source = f"{source} + command line"
     data.update(fields)
-    config = TrainConfig.from_dict(data, source=source)
-    config._given = frozenset(data)  # what the user set, so that a resume keeps the saved values of the rest
-    return config
+    named = (str(path) if path is not None else "", "command line" if pairs else "", "keyword fields" if fields else "")
+    source = " + ".join(part for part in named if part) or "config"
+    given = {f"{key}.{inner}" for key, value in data.items() if isinstance(value, dict) for inner in value}
+    given |= {key for key, value in data.items() if not isinstance(value, dict)}
+    return TrainConfig.from_dict(data, source=source), frozenset(given)
 
 
 # Defaults that depend on the base model's size, by its parameter count. The embedded convlora-tiny
@@ -426,9 +519,7 @@ def resolve_defaults(config: TrainConfig, base_model: Any) -> tuple[TrainConfig,
             )
         else:
             notes.append(f"{key} = {getattr(config, key):g} (as set)")
-    resolved = dataclasses.replace(config, **changes) if changes else config
-    resolved._given = getattr(config, "_given", None)
-    return resolved, notes
+    return (dataclasses.replace(config, **changes) if changes else config), notes
 
 
 def resume_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
@@ -436,36 +527,25 @@ def resume_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
 
     Every difference that is applied is named in the returned notes; differences that would make the
     resume meaningless (the fields declared with ``resume="refuse"``: data, model, method, adapter
-    settings, batch size, seed, metric) raise. ``output_dir`` and ``resume`` are never compared.
+    settings, batch size, seed, metric) raise. ``output_dir`` and ``resume`` are never compared. Nested
+    settings are compared key by key, by the values they take effect with (``conv_lora.r: 3 -> 8``).
 
     Args:
-        saved: the run's saved config (``json.load`` of ``RUN/config.json``).
+        saved: the run's saved config (``json.load`` of ``RUN/config.json``, of this or an earlier version).
         config: the settings of the resumed run (after :func:`resolve_defaults`).
 
     Raises:
         ValueError: naming every refused difference, with both values.
 
     >>> saved = TrainConfig(data="d", lr=1e-3).to_dict()
-    >>> resume_differences(saved, TrainConfig(data="d", lr=5e-4, max_steps=100))
-    ['lr: 0.001 -> 0.0005', 'max_steps: None -> 100']
+    >>> resume_differences(saved, TrainConfig(data="d", lr=5e-4, max_steps=100, augment={"hflip": 0}))
+    ['augment.hflip: 0.5 -> 0.0', 'lr: 0.001 -> 0.0005', 'max_steps: None -> 100']
     """
-    current = config.to_dict()
     applied, refused = [], []
     for f in dataclasses.fields(TrainConfig):
         rule = f.metadata.get("resume", "apply")
-        if rule == "ignore":
-            continue
-        new = current[f.name]
-        if f.name in saved:
-            old = saved[f.name]
-        elif new == _default(f):  # a field this run's checkpoint predates, left at its default
-            continue
-        else:
-            old = "(not recorded)"
-        if _same_setting(f.name, old, new):
-            continue
-        text = f"{f.name}: {old!r} -> {new!r}"
-        (refused if rule == "refuse" else applied).append(text)
+        if rule != "ignore":
+            (refused if rule == "refuse" else applied).extend(_differences(f, saved, getattr(config, f.name)))
     if refused:
         raise ValueError(
             f"cannot resume {config.output_dir} with changed {'; '.join(refused)}: the checkpoint was trained with "
@@ -475,23 +555,25 @@ def resume_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     return applied
 
 
-def resume_config(saved: dict[str, Any], config: TrainConfig) -> tuple[TrainConfig, list[str]]:
+def resume_config(
+    saved: dict[str, Any], config: TrainConfig, given: frozenset[str] | None = None
+) -> tuple[TrainConfig, list[str]]:
     """The settings of a resumed run: the saved ones, with what the user set this time applied on top.
 
-    A config from :func:`load_config` knows which keys the user gave (file, command line, keywords); the
-    others keep their saved values instead of falling back to the defaults. A config built directly counts
-    as given in full. The differences are checked and named by :func:`resume_differences`.
+    The differences are checked and named by :func:`resume_differences`.
 
     Args:
-        saved: the run's saved config (``RUN/config.json``).
+        saved: the run's saved config (``RUN/config.json``, of this or an earlier version).
         config: the settings given for the resumed run.
+        given: the dotted keys the user gave (from :func:`load_config_given`): those come from ``config``,
+            the others keep their saved values. ``None``: ``config`` counts as given in full, except the
+            values resolved by the base model's size (``lr``) it leaves unset.
 
     >>> saved = TrainConfig(data="d", epochs=30, lr=1e-3).to_dict()
-    >>> config, notes = resume_config(saved, load_config(overrides=["--data", "d", "--lr", "5e-4"]))
+    >>> config, notes = resume_config(saved, *load_config_given(overrides=["--data", "d", "--lr", "5e-4"]))
     >>> config.epochs, config.lr, notes
     (30, 0.0005, ['lr: 0.001 -> 0.0005'])
     """
-    given = getattr(config, "_given", None)
     if given is None:
         # unset size-class values would be resolved again; the run keeps the ones it was started with
         later = {key for values in SIZE_CLASSES.values() for key in values if key != "max_parameters"}
@@ -499,14 +581,17 @@ def resume_config(saved: dict[str, Any], config: TrainConfig) -> tuple[TrainConf
         merged = dataclasses.replace(config, **kept) if kept else config
     else:
         known = {f.name for f in dataclasses.fields(TrainConfig)}
-        current = config.to_dict()
-        values = {k: v for k, v in saved.items() if k in known}
-        for key in given | {"resume", "output_dir"}:
-            nested = isinstance(current[key], dict) and isinstance(values.get(key), dict)
+        values = json.loads(json.dumps({k: v for k, v in saved.items() if k in known}))  # a copy
+        for key in sorted(given | {"resume", "output_dir"}):
+            name, _, inner = key.partition(".")
+            value = getattr(config, name)
+            if name in _NESTED:
+                value = getattr(value, inner) if inner else _section_dict(name, value)
+            elif inner and isinstance(value, dict):  # --peft.KEY: that key of the mapping
+                value = value[inner]
             # `--conv_lora.r 4` on a resume changes r, not the whole adapter
-            values[key] = {**values[key], **current[key]} if nested else current[key]
+            _set_dotted(values, key, _plain(value), source="saved run config")
         merged = TrainConfig.from_dict(values, source="saved run config + this run's settings")
-        merged._given = given
     return merged, resume_differences(saved, merged)
 
 
@@ -536,7 +621,22 @@ def apply_resumed_settings(optimizer: Any, scheduler: Any, config: TrainConfig) 
         group["initial_lr"] = config.lr
         group["weight_decay"] = config.weight_decay
         group["lr"] = config.lr * factor(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    set_last_lr(scheduler, [group["lr"] for group in optimizer.param_groups])
+
+
+def _differences(f: dataclasses.Field, saved: dict[str, Any], new: Any) -> list[str]:
+    """``name: old -> new`` for a field of a resumed run; nested settings key by key."""
+    if f.name not in saved:  # a field this run's checkpoint predates: a difference unless left at its default
+        return [] if new == _default(f) else [f"{f.name}: (not recorded) -> {_plain(new)!r}"]
+    old = saved[f.name]
+    if f.name not in _NESTED:
+        return [] if _plain(old) == _plain(new) else [f"{f.name}: {old!r} -> {_plain(new)!r}"]
+    now = _resolved(f.name, new)
+    try:
+        before = _resolved(f.name, _coerce(old, type(new), f.name))
+    except ValueError:  # saved by hand, or by a version that knew other keys
+        return [f"{f.name}: {old!r} -> {_section_dict(f.name, new)!r}"]
+    return [f"{f.name}.{key}: {before[key]!r} -> {value!r}" for key, value in now.items() if before[key] != value]
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -545,24 +645,16 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default
 
 
-def _same_setting(name: str, old: Any, new: Any) -> bool:
-    """Equal settings, comparing nested adapter and augmentation settings by what they resolve to."""
-    if name in ("conv_lora", "augment") and isinstance(old, dict) and isinstance(new, dict):
-        try:
-            return _resolved_nested(name, old) == _resolved_nested(name, new)
-        except (TypeError, ValueError):
-            return False
-    return _plain(old) == _plain(new)
+def _section_dict(name: str, value: Any) -> dict[str, Any]:
+    """A nested setting as ``RUN/config.json`` stores it."""
+    data = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
+    return {key: _plain(item) for key, item in data.items() if key not in _NESTED[name]}
 
 
-def _resolved_nested(name: str, values: dict[str, Any]) -> Any:
-    if name == "conv_lora":
-        from ..tuner.config import ConvLoraConfig
-
-        return _plain(ConvLoraConfig(**values).to_dict())
-    from ..data import AugmentConfig
-
-    return _plain(dataclasses.asdict(AugmentConfig(**values)))
+def _resolved(name: str, value: Any) -> dict[str, Any]:
+    """Every value of a nested setting as it takes effect (unset adapter settings: ConvLoraConfig's values)."""
+    source = value.build() if isinstance(value, AdapterSettings) else value
+    return {f.name: _plain(getattr(source, f.name)) for f in dataclasses.fields(value) if f.name not in _NESTED[name]}
 
 
 def _plain(value: Any) -> Any:
@@ -619,64 +711,112 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> None
     target[parts[-1]] = value
 
 
-def _check_types(config: TrainConfig) -> None:
-    hints = get_type_hints(TrainConfig)
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        expected = hints[f.name]
-        if not _matches(value, expected):
-            raise ValueError(f"{f.name} must be {_describe(expected)}, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{f.name} must be a finite number, got {value!r}")
-        if isinstance(value, int) and not isinstance(value, bool) and float in _flatten(expected):
-            setattr(config, f.name, float(value))
+def check_fields(obj: Any) -> None:
+    """Hold every field of a config dataclass to its type hint and its ``choices`` metadata, in place.
+
+    Values come as JSON, TOML and the command line give them: an integer where a number is expected, a
+    list for a tuple, ``"0,2"`` or one value for a list (text stays text where the type also allows text),
+    a mapping of its fields for a nested dataclass (errors in it start with the field's name: ``conv_lora:
+    r must be >= 1, got 0``). Range checks stay with each class.
+
+    Args:
+        obj: a dataclass instance, from its ``__post_init__``.
+
+    Raises:
+        ValueError: naming the field, what was found and what was expected.
+
+    >>> settings = AdapterSettings(lora_alpha=16, layers="0,2")
+    >>> settings.lora_alpha, settings.layers
+    (16.0, [0, 2])
+    """
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = _coerce(getattr(obj, f.name), hints[f.name], f.name)
+        choices = f.metadata.get("choices")
+        if choices is not None and value is not None and value not in choices:
+            raise ValueError(f"{f.name} must be one of {list(choices)}, got {value!r}")
+        setattr(obj, f.name, value)
 
 
-def _split_lists(config: TrainConfig) -> None:
-    """``--channels 0,2`` arrives as the text "0,2" (and ``--channels 1`` as 1): make them lists."""
-    hints = get_type_hints(TrainConfig)
-    for f in dataclasses.fields(config):
-        if not any(get_origin(option) is list for option in _flatten(hints[f.name])):
-            continue
-        value = getattr(config, f.name)
-        if isinstance(value, str) and value.strip():
-            setattr(config, f.name, [_parse_value(part.strip()) for part in value.split(",")])
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            setattr(config, f.name, [value])
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as the type ``hint`` takes it (see :func:`check_fields`), or a ValueError naming ``key``.
+
+    Args:
+        value: the value as read (JSON, TOML, command line or Python).
+        hint: a type: ``int``, ``float``, ``bool``, ``str``, ``None``, their unions, ``list[...]`` and
+            ``tuple[...]`` of them, or a dataclass.
+        key: how to name the value in errors.
+
+    >>> _coerce("0,4095", list[float] | None, "intensity_range"), _coerce([0.8, 1], tuple[float, float], "scale")
+    ([0.0, 4095.0], (0.8, 1.0))
+    """
+    options = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    for loose in (False, True):  # a value of one of the types first; "0,2" or 1 only then as a list
+        for option in options:
+            found = _take(value, option, key, loose)
+            if found is not _NO:
+                return found
+    raise ValueError(f"{key} must be {' or '.join(dict.fromkeys(_describe(o) for o in options))}, got {value!r}")
 
 
-def _flatten(tp: Any) -> tuple[Any, ...]:
-    args = get_args(tp)
-    return args if args and get_origin(tp) is not dict else (tp,)
+_NO = object()  # "this type does not take the value"
 
 
-def _matches(value: Any, tp: Any) -> bool:
-    for option in _flatten(tp):
-        if option is type(None) and value is None:
-            return True
-        origin = get_origin(option) or option
-        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True
-        if origin is int and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if origin in (str, bool, dict) and isinstance(value, origin):
-            return True
-        if origin is list and isinstance(value, list) and all(_matches(v, get_args(option)[0]) for v in value):
-            return True
-    return False
+class _UnknownKeys(ValueError):
+    pass
+
+
+def _take(value: Any, tp: Any, key: str, loose: bool) -> Any:
+    origin = get_origin(tp) or tp
+    if origin is dict:  # a mapping of named values (TrainConfig.peft); its owner checks the values
+        return dict(value) if isinstance(value, dict) and all(isinstance(k, str) for k in value) else _NO
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        known = sorted(f.name for f in dataclasses.fields(tp) if f.init)
+        unknown = [f"{key}.{name}" for name in sorted(set(value) - set(known))]
+        if unknown:
+            raise _UnknownKeys(f"unknown keys {unknown}; known keys of {key}: {known}")
+        values = {name: _coerce(item, _hints(tp)[name], f"{key}: {name}") for name, item in value.items()}
+        try:
+            return tp(**values)
+        except ValueError as error:
+            raise ValueError(f"{key}: {error}") from error
+    if origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            items = list(value)
+        elif loose and isinstance(value, (str, int, float)) and not isinstance(value, bool):  # --channels 0,2 or 1
+            items = [_parse_value(part.strip()) for part in value.split(",")] if isinstance(value, str) else [value]
+        else:
+            return _NO
+        kinds = get_args(tp) if origin is tuple else get_args(tp)[:1] * len(items)
+        try:
+            taken = [_coerce(item, kind, key) for item, kind in zip(items, kinds, strict=True)]
+        except ValueError:  # an item of another type, or another count
+            return _NO
+        return taken if origin is list else tuple(taken)
+    if isinstance(value, bool) and tp is not bool:
+        return _NO
+    if tp is float and isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+        return float(value)
+    return value if isinstance(value, tp) else _NO  # also None for NoneType
 
 
 def _describe(tp: Any) -> str:
-    names = {
-        type(None): "null", float: "a number", int: "an integer", str: "a string", bool: "true or false",
-        list: "a list such as 0,2",
-    }  # fmt: skip
-    return " or ".join(names.get(get_origin(o) or o, "a mapping") for o in _flatten(tp))
+    origin = get_origin(tp) or tp
+    if origin is tuple:
+        return f"a list of {len(get_args(tp))} values"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    if origin is dict:
+        return "a mapping"
+    names = {type(None): "null", float: "a number", int: "an integer", str: "a string", bool: "true or false"}
+    return names.get(origin, "a list such as 0,2")
 
 
-def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
 
 
 def _positive(name: str, value: int) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,15 +23,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
 from .._compat import forget_accelerate_settings
-from .._io import check_apart, check_versioned, owned_folder, write_json
+from .._io import check_apart, check_owned, check_versioned, owned_folder, write_json
 from ..artifact import TaskInfo, apply_task_settings, continue_from_export, export_trained, load_trained
 from ..artifact.methods import METHODS, build_task_model
+from ..artifact.peft_methods import PEFT_METHODS, ignored_settings, reads
 from ..data import build_datasets
 from ..evaluation.evaluate import evaluate_split
 from ..evaluation.metrics import default_metric, is_better
@@ -277,12 +277,14 @@ class Run:
         return evaluate_split(model, dataset, self.data, self.accelerator, batch_size=self.config.batch_size)
 
 
-def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
+def train(config: TrainConfig, *, show_progress: bool = True, given: frozenset[str] | None = None) -> TrainResult:
     """Fine-tune SAM as ``config`` says; returns where everything went and the best metric.
 
     Args:
         config: the run's settings (see :class:`~convlora.training.config.TrainConfig`).
         show_progress: draw a progress bar on the main process.
+        given: the settings the user gave (:func:`~convlora.training.config.load_config_given`); a resumed run
+            keeps the saved values of the others. ``None``: ``config`` counts as given in full.
 
     >>> from convlora.training.config import load_config
     >>> result = train(load_config(overrides=["--data", "data/polyp", "--epochs", "3"]))  # doctest: +SKIP
@@ -291,19 +293,35 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
     check_apart(
         run_dir, {"data": config.data, "model": config.model, "init_adapter": config.init_adapter}, option="output_dir"
     )
-    if not _is_main_process():  # the main process owns and locks the folder
-        return _train(config, show_progress)
-    with owned_folder(run_dir, "run", "train", option="output_dir"):
-        return _train(config, show_progress)
+    check_owned(run_dir, "run", option="output_dir")  # in every process, before any writes: the same refusal
+    with contextlib.ExitStack() as claimed:
+        accelerator = _make_accelerator(config, run_dir)
+        _claim_run_folder(claimed, run_dir, accelerator)
+        return _train(config, accelerator, show_progress, given)
 
 
-def _is_main_process() -> bool:
-    """Whether this is the first process of the job (``accelerate launch`` / torchrun set ``RANK``)."""
-    return int(os.environ.get("RANK", "0")) == 0
+def _claim_run_folder(claimed: contextlib.ExitStack, run_dir: Path, accelerator: Any) -> None:
+    """The main process claims and locks the run folder for the run; every process learns the outcome.
+
+    A refusal (the folder is another live run's) reaches every process, so none is left waiting for the others
+    in a collective operation.
+    """
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            claimed.enter_context(owned_folder(run_dir, "run", "train", option="output_dir"))
+        except ValueError as error:
+            refusal = str(error)
+    if accelerator.num_processes > 1:
+        outcome = [refusal]
+        broadcast_object_list(outcome, from_process=0)
+        refusal = outcome[0]
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
-def _train(config: TrainConfig, show_progress: bool) -> TrainResult:
-    run = _start(config, show_progress)
+def _train(config: TrainConfig, accelerator: Any, show_progress: bool, given: frozenset[str] | None) -> TrainResult:
+    run = _start(config, accelerator, show_progress, given)
     while run.state.global_step < run.total_steps and run.state.epoch < config.epochs:
         _train_epoch(run)
         if run.stopped_early:
@@ -320,11 +338,10 @@ def _train(config: TrainConfig, show_progress: bool) -> TrainResult:
     return result
 
 
-def _start(config: TrainConfig, show_progress: bool) -> Run:
+def _start(config: TrainConfig, accelerator: Any, show_progress: bool, given: frozenset[str] | None = None) -> Run:
     """Everything before the first step: data, model, optimiser, schedule, resume, trackers."""
     started = time.time()
     run_dir = Path(config.output_dir)
-    accelerator = _make_accelerator(config, run_dir)
     is_main = accelerator.is_main_process
     resume_from = resolve_resume(run_dir, config.resume)
     if resume_from is None and config.resume is None and list_checkpoints(run_dir):
@@ -335,14 +352,14 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
     notes: list[str] = []
     if resume_from is not None and (run_dir / "config.json").is_file():
         saved = json.loads((run_dir / "config.json").read_text())
-        config, changed = resume_config(saved, config)
+        config, changed = resume_config(saved, config, given)
         notes += [f"resume applies {change}" for change in changed]
     set_seed(config.seed)
 
     data = build_datasets(config)
     base = load_sam(config.model, image_size=config.image_size)
     config, defaults = resolve_defaults(config, base)
-    prompt = config.prompt_config()
+    prompt = config.prompting
     if prompt.prompted and data.mode == "multiclass":
         raise ValueError(
             f"prompt={config.prompt!r}: prompted training takes binary or instance masks; {config.data} is multi-class "
@@ -365,14 +382,23 @@ def _start(config: TrainConfig, show_progress: bool) -> Run:
     )
     apply_task_settings(base, task)  # evaluate on the mask token that training uses (SAM 2 / SAM 3)
     data.set_image_size(image_size, family.input_format)
-    adapter_config = config.adapter_config() if METHODS[config.method].uses_adapter else None
+    adapter_config = config.conv_lora.build() if METHODS[config.method].uses_adapter else None
     if config.init_adapter is not None:
         model = continue_from_export(
-            base, task, config.init_adapter, freeze_iou_head=freeze_iou_head, adapter_settings=config.conv_lora
+            base,
+            task,
+            config.init_adapter,
+            freeze_iou_head=freeze_iou_head,
+            adapter_settings=config.conv_lora.to_dict(),
         )
         notes.append(f"starting from the weights of {config.init_adapter} (init_adapter)")
     else:
-        model = build_task_model(base, task, adapter_config, freeze_iou_head=freeze_iou_head)
+        model = build_task_model(base, task, adapter_config, freeze_iou_head=freeze_iou_head, peft_options=config.peft)
+    if config.method in PEFT_METHODS:
+        notes += [
+            f"conv_lora.{key} is not read by method {config.method} (it reads {', '.join(reads(config.method))})"
+            for key in ignored_settings(config.method, config.conv_lora.to_dict())
+        ]
     if prompt.prompted:
         prepare_prompted_model(model, prompt)
     if config.gradient_checkpointing:

@@ -178,8 +178,9 @@ def model_card(
     peft_note = ""
     if METHODS[task.method].uses_adapter:
         peft_note = (
-            "\nThe folder is a regular PEFT adapter. With stock PEFT, `import convlora` first (it registers the "
-            "Conv-LoRA method), prepare the base model as convlora does (image size"
+            "\nThe folder is a regular PEFT adapter. With stock PEFT"
+            + (", `import convlora` first (it registers the Conv-LoRA method)," if task.method == "conv_lora" else ",")
+            + " prepare the base model as convlora does (image size"
             + (", class decoder" if task.mode == "multiclass" else "")
             + "), then `PeftModel.from_pretrained(base, folder)`"
             + ("" if task.mode == "multiclass" else ", or transformers' `base.load_adapter(folder)`")
