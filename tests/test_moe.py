@@ -1,10 +1,16 @@
 """The mixture of multi-scale conv experts on its own: routing, dispatch, auxiliary loss."""
 
+import inspect
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
 from convlora import ConvLoraConfig, apply_conv_lora
-from convlora.tuner.moe import ConvExpertMixture, cv_squared, moe_aux_loss
+from convlora.tuner.moe import ConvExpertMixture, cv_squared, moe_aux_loss, reference_expert
+
+CONCEPT_PAGE = Path(__file__).resolve().parents[1] / "docs" / "concepts" / "conv-lora.md"
 
 
 def random_mixture(**kwargs) -> ConvExpertMixture:
@@ -14,24 +20,26 @@ def random_mixture(**kwargs) -> ConvExpertMixture:
     return moe
 
 
-def dense_reference(moe: ConvExpertMixture, z: torch.Tensor) -> torch.Tensor:
-    """Every expert on every sample, one sample at a time, combined per the gate: the slow, obvious way."""
+def per_sample_reference(moe: ConvExpertMixture, z: torch.Tensor) -> torch.Tensor:
+    """The chosen experts of each sample, one sample at a time, combined per the gate: the slow, obvious way."""
     top, combine, _ = moe.route(z)
     outputs = []
     for b in range(z.shape[0]):
-        x = z[b : b + 1].permute(0, 3, 1, 2)
-        mixed = torch.zeros_like(x)
+        mixed = torch.zeros_like(z[b : b + 1])
         for slot in range(moe.top_k):
-            mixed = mixed + moe.run_expert(int(top[b, slot]), x) * combine[b, slot]
-        outputs.append(mixed.permute(0, 2, 3, 1))
+            e = int(top[b, slot])
+            weight, bias = moe.expert_weight[e], moe.expert_bias[e]
+            expert = reference_expert(z[b : b + 1], weight, bias, moe.scales[e], moe.interpolation)
+            mixed = mixed + expert * combine[b, slot]
+        outputs.append(mixed)
     return torch.cat(outputs)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"top_k": 2, "weighted_combine": True}, {"depthwise": True, "top_k": 3}])
-def test_batched_dispatch_equals_a_per_sample_dense_reference(kwargs):
+def test_batched_dispatch_equals_a_per_sample_reference(kwargs):
     moe = random_mixture(**kwargs).eval()
     z = torch.randn(6, 5, 7, 4)
-    assert torch.allclose(moe(z), dense_reference(moe, z), atol=1e-6)
+    assert torch.allclose(moe(z), per_sample_reference(moe, z), atol=1e-6)
 
 
 def test_the_grid_comes_from_the_tensor_shape():
@@ -125,3 +133,9 @@ def test_moe_aux_loss_sums_only_the_mixtures_that_ran(make_sam, images, tmp_path
     model(pixel_values=images, multimask_output=False)
     ran = [m.aux_loss for n, m in model.named_modules() if isinstance(m, ConvExpertMixture) and "default" in n]
     assert moe_aux_loss(model).item() == pytest.approx(sum(loss.item() for loss in ran))
+
+
+def test_the_concepts_page_shows_the_reference_expert_as_the_code_has_it():
+    blocks = re.findall(r"^```python\n(.*?)^```$", CONCEPT_PAGE.read_text(), re.S | re.M)
+    source = inspect.getsource(reference_expert)
+    assert any(source in block for block in blocks), "update docs/concepts/conv-lora.md from moe.reference_expert"

@@ -55,6 +55,8 @@ import torch
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
+from .metrics import SumState
+
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 """The IoU thresholds ``msa`` averages over unless told otherwise: 0.50 to 0.95 in steps of 0.05."""
 
@@ -361,7 +363,7 @@ def _scores_from_counts(
 # ------------------------------------------------------------------------------------ accumulator
 
 
-class InstanceMetrics:
+class InstanceMetrics(SumState):
     """Accumulator of instance segmentation scores over a dataset, two ways.
 
     Per image (the keys of :func:`instance_scores`: ``msa``, ``sa50``, ``sa75``, ``ap50``, ``f1_50``,
@@ -389,7 +391,9 @@ class InstanceMetrics:
     def __init__(self, thresholds: Sequence[float] | np.ndarray = DEFAULT_THRESHOLDS) -> None:
         self.thresholds = _thresholds(thresholds)
         self._grid = np.unique(np.concatenate([self.thresholds, [0.5, 0.75]]))
-        self._state = self._empty_state()
+        super().__init__()
+
+    shape_hint = " (was it made with other thresholds?)"
 
     def _empty_state(self) -> dict[str, torch.Tensor]:
         size = len(self._grid)
@@ -397,39 +401,6 @@ class InstanceMetrics:
         state.update(tp=torch.zeros(size, dtype=torch.int64), sa_sum=torch.zeros(size, dtype=torch.float64))
         state.update({f"{key}_sum": torch.zeros((), dtype=torch.float64) for key in ("f1", "precision", "recall")})
         return state
-
-    def reset(self) -> None:
-        """Forget everything accumulated so far."""
-        self._state = self._empty_state()
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """A copy of the accumulated sums and counts (CPU tensors; sum them across processes to merge)."""
-        return {key: value.clone() for key, value in self._state.items()}
-
-    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Replace the accumulated state, e.g. by the all-reduced sum of every process's ``state()``."""
-        self._state = {key: value.clone() for key, value in self._validated(state).items()}
-
-    def merge(self, other: InstanceMetrics | Mapping[str, torch.Tensor]) -> None:
-        """Add another accumulator (or its ``state()``) with the same thresholds to this one."""
-        state = other.state() if isinstance(other, InstanceMetrics) else other
-        for key, value in self._validated(state).items():
-            self._state[key] += value
-
-    def _validated(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        expected = self._empty_state()
-        if set(state) != set(expected):
-            raise ValueError(f"state keys {sorted(state)} do not match this accumulator's {sorted(expected)}")
-        result = {}
-        for key, reference in expected.items():
-            value = torch.as_tensor(state[key]).detach().cpu()
-            if value.shape != reference.shape:
-                raise ValueError(
-                    f"state[{key!r}] has shape {tuple(value.shape)}, expected {tuple(reference.shape)} "
-                    "(was it made with other thresholds?)"
-                )
-            result[key] = value.to(reference.dtype)
-        return result
 
     def update(
         self,

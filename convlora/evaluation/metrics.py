@@ -162,8 +162,13 @@ def is_better(metric: str, value: float, best: float | None) -> bool:
     return value > best if higher_is_better(metric) else value < best
 
 
-class _SumState:
-    """State made of named tensors that combine by summation (counts and sums)."""
+class SumState:
+    """State made of named tensors that combine by summation (counts and sums), for metrics over processes.
+
+    Subclasses define ``_empty_state``; ``shape_hint`` is added to the message of a state of another shape.
+    """
+
+    shape_hint = ""
 
     def __init__(self) -> None:
         self._state: dict[str, torch.Tensor] = self._empty_state()
@@ -183,9 +188,9 @@ class _SumState:
         """Replace the accumulated state, e.g. by the all-reduced sum of every process's ``state()``."""
         self._state = {key: value.clone() for key, value in self._validated(state).items()}
 
-    def merge(self, other: _SumState | Mapping[str, torch.Tensor]) -> None:
+    def merge(self, other: SumState | Mapping[str, torch.Tensor]) -> None:
         """Add another accumulator (or its ``state()``) to this one."""
-        state = other.state() if isinstance(other, _SumState) else other
+        state = other.state() if isinstance(other, SumState) else other
         for key, value in self._validated(state).items():
             self._state[key] += value
 
@@ -197,7 +202,9 @@ class _SumState:
         for key, reference in expected.items():
             value = torch.as_tensor(state[key]).detach().cpu()
             if value.shape != reference.shape:
-                raise ValueError(f"state[{key!r}] has shape {tuple(value.shape)}, expected {tuple(reference.shape)}")
+                raise ValueError(
+                    f"state[{key!r}] has shape {tuple(value.shape)}, expected {tuple(reference.shape)}{self.shape_hint}"
+                )
             result[key] = value.to(reference.dtype)
         return result
 
@@ -262,7 +269,7 @@ def _sod_scores(prob: np.ndarray, gt: np.ndarray, normalize: bool) -> dict[str, 
     }
 
 
-class BinaryMetrics(_SumState):
+class BinaryMetrics(SumState):
     """Accumulator of binary segmentation metrics (see the module docstring for every key).
 
     Args:
@@ -392,7 +399,7 @@ class BinaryMetrics(_SumState):
         return results
 
 
-class MulticlassMetrics(_SumState):
+class MulticlassMetrics(SumState):
     """Accumulator of a dataset-level confusion matrix: mIoU, per-class IoU, pixel and mean accuracy.
 
     Args:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .moe import ConvExpertMixture, _tracing, check_grid
+from .moe import ConvExpertMixture, check_grid
+from .tracing import is_tracing
 
 
 def _experts_spec(experts: ConvExpertMixture) -> dict[str, Any]:
@@ -154,7 +155,7 @@ class ConvLoraMergedLinear(nn.Linear):
         """The folded linear layer plus every side branch."""
         result = super().forward(x)
         for branch in self.side_branches.values():
-            if torch.is_grad_enabled() or _tracing() or branch.up.weight.dtype != result.dtype:
+            if torch.is_grad_enabled() or is_tracing() or branch.up.weight.dtype != result.dtype:
                 result = result + branch(x).to(result.dtype)
             else:  # eager inference: the up-projection adds into the result in place, one pass over it fewer
                 bottleneck = branch.bottleneck(x)
