@@ -282,7 +282,9 @@ FOLDER_KINDS: dict[str, FolderKind] = {
     "onnx": FolderKind("an ONNX export", ("deploy.json",), ("*.onnx", "*.json", "*.data", "*.onnx_data")),
     "dataset": FolderKind("a synthetic dataset", ("dataset.json",), ("train", "val", "test", "*.json")),
     "predictions": FolderKind(
-        "a prediction folder", ("predictions.json", "predictions.jsonl"), ("masks", "overlays", "instances", "predictions.json*")
+        "a prediction folder",
+        ("predictions.json", "predictions.jsonl"),
+        ("masks", "overlays", "instances", "predictions.json*"),
     ),
     "run": FolderKind(
         "a training run folder",
