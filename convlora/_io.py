@@ -289,7 +289,17 @@ FOLDER_KINDS: dict[str, FolderKind] = {
     "run": FolderKind(
         "a training run folder",
         ("config.json", "checkpoints"),
-        ("config.json", "checkpoints", "adapter", "metrics.json", "logs", "*.png", ".convlora-run.lock", ".*.tmp"),
+        (
+            "config.json",
+            "checkpoints",
+            "adapter",
+            "metrics.json",
+            "comparison.json",
+            "logs",
+            "*.png",
+            ".convlora-run.lock",
+            ".*.tmp",
+        ),
     ),
 }
 
@@ -354,7 +364,9 @@ def check_owned(path: str | Path, kind: str, *, option: str = "output") -> None:
             f"{option} {path} holds {FOLDER_KINDS[found].what}, not {FOLDER_KINDS[kind].what}; refusing to replace "
             "it. Choose a new or empty folder"
         )
-    shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+    # name first what a folder of this kind would never hold: the user's own files
+    foreign = [name for name in entries if not _matches(name, FOLDER_KINDS[kind].entries)] or entries
+    shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
     raise ValueError(
         f"{option} {path} holds files convlora did not write ({shown}); refusing to replace or write into it. "
         "Choose a new or empty folder"

@@ -376,3 +376,17 @@ def test_a_refused_run_folder_stops_every_process_of_a_multi_process_run(tmp_pat
     assert done.returncode != 0
     assert f"in use by another convlora train (pid {os.getpid()}" in done.stderr
     assert not (run / "config.json").exists()
+
+
+def test_a_run_folder_of_an_earlier_version_is_recognised_so_demo_and_resume_still_work(tmp_path):
+    """Written before markers existed: what `convlora demo` left (run files and the example's comparison)."""
+    run = tmp_path / "runs" / "demo"
+    for name in ("checkpoints", "adapter", "logs"):
+        (run / name).mkdir(parents=True)
+    for name in ("config.json", "metrics.json", "comparison.json", "curves.png", "val_overlays.png"):
+        (run / name).write_text("{}")
+    assert folder_kind(run) == "run"
+    check_owned(run, "run")
+    (run / "my_notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="my_notes.txt"):
+        check_owned(run, "run")
