@@ -295,6 +295,7 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("--base-model", default=None, help="SAM checkpoint to use instead of the recorded one")
     parser.add_argument("--no-overlays", action="store_true", help="write masks only")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompt-free images per forward pass (default: 8)")
     parser.add_argument(
         "--skip-bad", action="store_true",
         help="leave out images that cannot be read, list them at the end and exit with status 1 (default: stop "
@@ -348,6 +349,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         instances=args.instances,
         amg=_amg_config(args),
+        batch_size=args.batch_size,
     )
     what = f"the prompted masks of {done['count']} images" if args.prompts else f"{done['count']} masks"
     if args.instances:

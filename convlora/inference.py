@@ -13,11 +13,13 @@ larger than the model's input can be segmented tile by tile (``tile`` / ``overla
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
 import shutil
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -680,8 +682,8 @@ def _remove_partial_files(output_dir: Path) -> None:
 
 
 def _save_png(picture: np.ndarray, path: Path) -> None:
-    with atomic_file(path) as handle:
-        Image.fromarray(picture).save(handle, format="PNG")
+    with atomic_file(path) as handle:  # a preview: zlib's fastest level
+        Image.fromarray(picture).save(handle, format="PNG", compress_level=1)
 
 
 def predict_folder(
@@ -697,6 +699,7 @@ def predict_folder(
     skip_bad: bool = False,
     instances: str | None = None,
     amg: AmgConfig | None = None,
+    batch_size: int = 8,
 ) -> dict[str, Any]:
     """Segment every image of a folder; write mask PNGs (and overlays) at each image's original size.
 
@@ -729,6 +732,7 @@ def predict_folder(
             instead of stopping at the first.
         instances: ``"auto"``, ``"amg"`` (``"ais"`` / ``"apg"`` need a trained instance decoder), or ``None``.
         amg: automatic mask generation settings (SAM's names); SAM's defaults when ``None``.
+        batch_size: prompt-free images per forward pass (files are written in a background thread meanwhile).
 
     Returns:
         ``count`` (images with predictions), ``output_dir``, ``reused`` (images an earlier run had done) and
@@ -770,7 +774,6 @@ def predict_folder(
         "overlays": overlays,
         "instances": None if instances is None else [instances, asdict(amg or AmgConfig())],
     }
-    records: list[dict[str, Any]] = []
     reused = 0
     with owned_folder(output_dir, "predictions", "predict", option="--output"):
         earlier = _earlier_predictions(output_dir, settings)
@@ -783,9 +786,10 @@ def predict_folder(
             (output_dir / "overlays").mkdir(exist_ok=True)
         progress_file = output_dir / PROGRESS_FILE
         fresh = not progress_file.is_file()
-        with open(progress_file, "a") as progress:
+        with open(progress_file, "a") as progress, _OrderedWriter(progress) as writer:
             if fresh:
                 progress.write(json.dumps({"settings": settings}) + "\n")
+            batch: list[tuple[Path, np.ndarray]] = []  # prompt-free, untiled: images through the model together
             for path in paths:
                 record = earlier.get(str(path))
                 if (
@@ -793,30 +797,36 @@ def predict_folder(
                     and record.get("file_state") == _file_state(path)
                     and all((output_dir / name).is_file() for name in record["files"])
                 ):
-                    records.append(record)
+                    writer.keep(record)
                     reused += 1
                     continue
                 try:
                     image = read_image(path, reading)
                 except (ValueError, OSError) as error:
                     if not skip_bad:
+                        _write_batch(writer, segmenter, batch, output_dir, overlays, binary, batch_size)
                         raise ValueError(
                             f"{path} cannot be read ({error}); fix or remove it, or pass --skip-bad to leave bad "
-                            f"images out. The {len(records)} images done are kept: the same command continues "
+                            f"images out. The {writer.finish()} images done are kept: the same command continues "
                             "after them"
                         ) from error
                     bad.append({"image": str(path), "error": str(error)})
                     continue
                 if instances is not None:
                     record = _predict_instances(segmenter, image, path, output_dir, overlays, amg)
+                    writer.submit(path, lambda record=record: record)
                 elif prompt_sets is not None:
                     record = _predict_prompted(segmenter, image, prompt_sets[path], path, output_dir, overlays)
+                    writer.submit(path, lambda record=record: record)
+                elif tile is not None:
+                    mask = segmenter.predict(image, tile=tile, overlap=overlap)
+                    writer.submit(path, _free_writer(segmenter, image, mask, path, output_dir, overlays, binary))
                 else:
-                    record = _predict_free(segmenter, image, path, output_dir, overlays, binary, tile, overlap)
-                record = {"image": str(path), "file_state": _file_state(path), **record}
-                progress.write(json.dumps(record) + "\n")
-                progress.flush()
-                records.append(record)
+                    batch.append((path, image))
+                    if len(batch) == batch_size:
+                        _write_batch(writer, segmenter, batch, output_dir, overlays, binary, batch_size)
+            _write_batch(writer, segmenter, batch, output_dir, overlays, binary, batch_size)
+        records = writer.records
         write_json(
             output_dir / "predictions.json",
             {
@@ -831,25 +841,97 @@ def predict_folder(
     return {"count": len(records), "output_dir": str(output_dir), "reused": reused, "bad": bad}
 
 
-def _predict_free(
+def _write_batch(
+    writer: _OrderedWriter,
+    segmenter: Segmenter,
+    batch: list[tuple[Path, np.ndarray]],
+    output_dir: Path,
+    overlays: bool,
+    binary: bool,
+    batch_size: int,
+) -> None:
+    """Prompt-free masks of a batch of images in one forward pass; their files are written in the background."""
+    if not batch:
+        return
+    masks = segmenter.predict([image for _, image in batch], batch_size=batch_size)
+    for (path, image), mask in zip(batch, masks, strict=True):
+        writer.submit(path, _free_writer(segmenter, image, mask, path, output_dir, overlays, binary))
+    batch.clear()
+
+
+def _free_writer(
     segmenter: Segmenter,
     image: np.ndarray,
+    mask: np.ndarray,
     path: Path,
     output_dir: Path,
     overlays: bool,
     binary: bool,
-    tile: int | None,
-    overlap: int,
-) -> dict[str, Any]:
-    """One image's prompt-free mask (and overlay), written; returns its record."""
-    mask = segmenter.predict(image, tile=tile, overlap=overlap)
-    files = [f"masks/{path.stem}.png"]
-    save_mask_png(mask, output_dir / files[0], binary=binary)
-    if overlays:
-        files.append(f"overlays/{path.stem}.png")
-        _save_png(overlay(image, mask), output_dir / files[-1])
-    fractions = np.bincount(mask.ravel(), minlength=segmenter.task.num_classes) / mask.size
-    return {"size": list(mask.shape), "class_fractions": fractions.tolist(), "files": files}
+) -> Callable[[], dict[str, Any]]:
+    """The work of writing one image's prompt-free mask (and overlay); returns its record when done."""
+
+    def write() -> dict[str, Any]:
+        files = [f"masks/{path.stem}.png"]
+        save_mask_png(mask, output_dir / files[0], binary=binary)
+        if overlays:
+            files.append(f"overlays/{path.stem}.png")
+            _save_png(overlay(image, mask), output_dir / files[-1])
+        fractions = np.bincount(mask.ravel(), minlength=segmenter.task.num_classes) / mask.size
+        return {"size": list(mask.shape), "class_fractions": fractions.tolist(), "files": files}
+
+    return write
+
+
+class _OrderedWriter:
+    """Writes each image's files on one background thread, then its progress line: in order, never half-listed.
+
+    The model works on the next images while PNG encoding (which releases the GIL) runs here. An image is
+    listed in the progress file only once its files are complete, so a kill loses at most the images in
+    flight. At most ``limit`` images wait, which bounds the memory their masks and pictures take.
+
+    Args:
+        progress: the open progress file (``predictions.jsonl``).
+        limit: images queued at most before :meth:`submit` waits for the oldest.
+    """
+
+    def __init__(self, progress: Any, limit: int = 16) -> None:
+        self.progress = progress
+        self.limit = limit
+        self.records: list[dict[str, Any]] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convlora-predict-writer")
+        self._pending: collections.deque[Future] = collections.deque()
+
+    def __enter__(self) -> _OrderedWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.finish()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+
+    def keep(self, record: dict[str, Any]) -> None:
+        """List an image an earlier run has done (its record as it was)."""
+        self._pending.append(self._pool.submit(self.records.append, record))
+
+    def submit(self, path: Path, write: Callable[[], dict[str, Any]]) -> None:
+        """Run ``write`` (which writes the image's files and returns its record) and list the image."""
+        while len(self._pending) >= self.limit or (self._pending and self._pending[0].done()):
+            self._pending.popleft().result()  # raises a failed write's error here, in the main thread
+        self._pending.append(self._pool.submit(self._write, path, write))
+
+    def finish(self) -> int:
+        """Wait for every queued image; returns how many are listed."""
+        while self._pending:
+            self._pending.popleft().result()
+        return len(self.records)
+
+    def _write(self, path: Path, write: Callable[[], dict[str, Any]]) -> None:
+        record = {"image": str(path), "file_state": _file_state(path), **write()}
+        self.progress.write(json.dumps(record) + "\n")
+        self.progress.flush()
+        self.records.append(record)
 
 
 def _predict_instances(

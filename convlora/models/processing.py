@@ -262,15 +262,23 @@ def postprocess_masks(logits: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
     return F.interpolate(logits, size=info.original_size, mode="bilinear", align_corners=False)
 
 
+# colorize's colours of the ids 0..255 (0 and the ignore value 255 black)
+_COLOUR_TABLE = PALETTE[(np.arange(256) - 1) % len(PALETTE)].astype(np.uint8)
+_COLOUR_TABLE[[0, IGNORE_INDEX]] = 0
+
+
 def colorize(mask: np.ndarray | torch.Tensor) -> np.ndarray:
     """Class ids ``(h, w)`` as uint8 RGB ``(h, w, 3)`` in :data:`PALETTE` colours (0 and 255 black).
 
     >>> colorize(np.array([[0, 1]]))[0].tolist()
     [[0, 0, 0], [230, 25, 75]]
     """
-    ids = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask).astype(np.int64)
+    ids = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask)
     if ids.ndim != 2:
         raise ValueError(f"mask must be a (h, w) array of class ids, got shape {ids.shape}")
+    if ids.dtype in (np.bool_, np.uint8):  # most masks: one table look-up per pixel
+        return _COLOUR_TABLE[ids.astype(np.uint8)]
+    ids = ids.astype(np.int64)
     colours = PALETTE[(ids - 1) % len(PALETTE)]
     colours[(ids <= 0) | (ids == IGNORE_INDEX)] = 0
     return colours
@@ -295,13 +303,14 @@ def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, alpha: float = 0
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be a uint8 (h, w, 3) RGB array, got dtype {image.dtype}, shape {image.shape}")
-    ids = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask).astype(np.int64)
+    ids = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask)
     if ids.shape != image.shape[:2]:
         raise ValueError(f"mask shape {ids.shape} does not match the image's (h, w) {image.shape[:2]}")
     coloured = (ids > 0) & (ids != IGNORE_INDEX)
-    blended = image.astype(np.float32)
-    blended[coloured] = (1.0 - alpha) * blended[coloured] + alpha * colorize(ids)[coloured].astype(np.float32)
-    return np.rint(blended).astype(np.uint8)
+    blended = image.copy()
+    under = image[coloured].astype(np.float32)
+    blended[coloured] = np.rint((1.0 - alpha) * under + alpha * colorize(ids)[coloured].astype(np.float32))
+    return blended
 
 
 def save_mask_png(mask: np.ndarray | torch.Tensor, path: str | Path, binary: bool = False) -> Path:
