@@ -390,3 +390,39 @@ def test_a_run_folder_of_an_earlier_version_is_recognised_so_demo_and_resume_sti
     (run / "my_notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="my_notes.txt"):
         check_owned(run, "run")
+
+
+def test_predict_in_batches_writes_the_same_masks_in_the_same_order_as_one_by_one(tmp_path, adapter):
+    images = write_images(tmp_path / "images", 7)
+    predict_folder(adapter, images, tmp_path / "one", batch_size=1)
+    predict_folder(adapter, images, tmp_path / "batched", batch_size=4)
+    assert snapshot(tmp_path / "one" / "masks") == snapshot(tmp_path / "batched" / "masks")
+    one, batched = (json.loads((tmp_path / name / "predictions.json").read_text()) for name in ("one", "batched"))
+    assert (
+        [r["image"] for r in batched["images"]]
+        == [r["image"] for r in one["images"]]
+        == sorted(str(p) for p in images.iterdir())
+    )
+
+
+def test_a_write_that_fails_in_the_background_stops_predict_and_lists_only_finished_images(
+    tmp_path, adapter, monkeypatch
+):
+    import convlora.inference as inference
+
+    images = write_images(tmp_path / "images", 6)
+    real, written = inference.save_mask_png, []
+
+    def full_disk_after_three(mask, path, binary=False):
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        return real(mask, path, binary=binary)
+
+    monkeypatch.setattr(inference, "save_mask_png", full_disk_after_three)
+    with pytest.raises(OSError, match="No space left"):
+        predict_folder(adapter, images, tmp_path / "out", batch_size=2)
+    listed = (tmp_path / "out" / PROGRESS_FILE).read_text().splitlines()[1:]
+    assert len(listed) == 3 and not list((tmp_path / "out").rglob("*.tmp"))
+    monkeypatch.setattr(inference, "save_mask_png", real)
+    assert predict_folder(adapter, images, tmp_path / "out", batch_size=2)["reused"] == 3  # and it continues
