@@ -245,6 +245,7 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         "automatic mask generation",
     )  # fmt: skip
     _add_amg_arguments(parser)
+    _add_strength_argument(parser)
     parser.set_defaults(handler=_run_evaluate)
 
 
@@ -266,6 +267,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         compare_base=args.compare_base,
         instances=args.instances,
         amg=_amg_config(args),
+        strength=args.strength,
     )
     tables = scores if args.compare_base else {"": scores}
     for title, table in tables.items():
@@ -313,7 +315,16 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
         "trained instance decoder where it has one, else amg",
     )  # fmt: skip
     _add_amg_arguments(parser)
+    _add_strength_argument(parser)
     parser.set_defaults(handler=_run_predict)
+
+
+def _add_strength_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--strength", type=float, default=None, metavar="A",
+        help="a LoRA / Conv-LoRA fine-tune at strength A in [0, 1]: the adapter's branch scaled by A and the mask "
+        "decoder interpolated toward SAM's (0: SAM's own model, 1: as trained; default: as trained)",
+    )  # fmt: skip
 
 
 def _add_amg_arguments(parser: argparse.ArgumentParser) -> None:
@@ -350,6 +361,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         instances=args.instances,
         amg=_amg_config(args),
         batch_size=args.batch_size,
+        strength=args.strength,
     )
     what = f"the prompted masks of {done['count']} images" if args.prompts else f"{done['count']} masks"
     if args.instances:
@@ -412,7 +424,10 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
         "onnxruntime unless --no-check.",
     )
     parser.add_argument("--model", required=True, help="trained model folder (e.g. runs/polyp/adapter)")
-    parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (only onnx)")
+    parser.add_argument(
+        "--format", choices=["onnx", "adapter"], default="onnx",
+        help="onnx, or adapter: a regular adapter folder with --strength folded into its weights",
+    )  # fmt: skip
     parser.add_argument(
         "--output", required=True, help="output folder: new, empty, or an ONNX export convlora wrote (replaced whole)"
     )
@@ -420,10 +435,21 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-prompted", action="store_true", help="write the prompt-free model.onnx only")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or later)")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    _add_strength_argument(parser)
     parser.set_defaults(handler=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if args.format == "adapter":
+        from .inference import export_at_strength
+
+        if args.strength is None:
+            raise ValueError("--format adapter writes the adapter at a strength: give --strength A (0..1)")
+        done = export_at_strength(args.model, args.output, args.strength, base_model=args.base_model)
+        print(f"Wrote the {done['method']} adapter at strength {args.strength} to {args.output}")
+        return 0
+    if args.strength is not None:
+        raise ValueError("--strength with --format onnx: export the adapter at a strength first (--format adapter)")
     from .deploy import export_onnx
 
     info = export_onnx(

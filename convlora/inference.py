@@ -30,8 +30,9 @@ from PIL import Image, ImageDraw, ImageOps
 from torch import nn
 
 from ._io import atomic_dir, atomic_file, check_apart, check_owned, owned_folder, write_json
-from .artifact import TASK_FILE, TaskInfo, load_trained, write_task_file
+from .artifact import TASK_FILE, TaskInfo, export_trained, load_trained, write_task_file
 from .artifact.methods import METHODS
+from .artifact.strength import set_strength
 from .data import ImageReading, SegmentationDataset, check_dataset, read_image, read_image_size, to_rgb8
 from .data.decode import read_mask
 from .data.prompt_files import PROMPT_KEYS, build_prompts, load_prompts
@@ -88,6 +89,7 @@ class Segmenter:
         *,
         base_model: str | None = None,
         device: str | torch.device | None = None,
+        strength: float | None = None,
     ) -> Segmenter:
         """Load a run's ``adapter/`` folder (any method), a merged model, or a plain SAM for prompting.
 
@@ -103,10 +105,16 @@ class Segmenter:
             base_model: SAM checkpoint to put the adapter on, if not the one recorded at training time
                 (required for a plain PEFT adapter folder).
             device: ``"cpu"``, ``"cuda"``...; CUDA when available by default.
+            strength: a LoRA / Conv-LoRA fine-tune at this strength in [0, 1] (0: SAM's own model, 1: as trained;
+                see :func:`~convlora.artifact.strength.set_strength`); ``None``: as trained.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if (Path(path) / TASK_FILE).is_file() or (Path(path) / ADAPTER_CONFIG).is_file():
             model, task = load_trained(path, base_model=base_model)
+            if strength is not None:
+                set_strength(model, task, strength)
+        elif strength is not None:
+            raise ValueError(f"strength needs a trained adapter folder; {path} is a base model")
         else:
             model = load_sam(path)
             task = base_task(family_of(model).image_size(model), str(path))
@@ -478,6 +486,7 @@ def evaluate(
     compare_base: bool = False,
     instances: str | None = None,
     amg: AmgConfig | None = None,
+    strength: float | None = None,
 ) -> dict[str, Any]:
     """Metrics of a trained model on a labelled dataset folder or CSV (every image, original resolution).
 
@@ -501,11 +510,12 @@ def evaluate(
         compare_base: with ``prompt``: return ``{"model": ..., "base": ...}`` metrics of both models.
         instances: score objects (``"amg"``, ``"auto"``) instead of pixels; the masks must hold instance ids.
         amg: automatic mask generation settings (SAM's names).
+        strength: evaluate a LoRA / Conv-LoRA fine-tune at this strength (see :meth:`Segmenter.from_pretrained`).
 
     >>> evaluate("runs/polyp/adapter", "data/polyp", prompt="box", compare_base=True)  # doctest: +SKIP
     """
 
-    segmenter = Segmenter.from_pretrained(model_path, base_model=base_model)
+    segmenter = Segmenter.from_pretrained(model_path, base_model=base_model, strength=strength)
     task = segmenter.task
     if instances is not None:
         if prompt not in (None, "none") or tile is not None or compare_base:
@@ -700,6 +710,7 @@ def predict_folder(
     instances: str | None = None,
     amg: AmgConfig | None = None,
     batch_size: int = 8,
+    strength: float | None = None,
 ) -> dict[str, Any]:
     """Segment every image of a folder; write mask PNGs (and overlays) at each image's original size.
 
@@ -733,6 +744,7 @@ def predict_folder(
         instances: ``"auto"``, ``"amg"`` (``"ais"`` / ``"apg"`` need a trained instance decoder), or ``None``.
         amg: automatic mask generation settings (SAM's names); SAM's defaults when ``None``.
         batch_size: prompt-free images per forward pass (files are written in a background thread meanwhile).
+        strength: predict with a LoRA / Conv-LoRA fine-tune at this strength (see :meth:`Segmenter.from_pretrained`).
 
     Returns:
         ``count`` (images with predictions), ``output_dir``, ``reused`` (images an earlier run had done) and
@@ -754,7 +766,7 @@ def predict_folder(
                 "images, AMG's crop layers: --amg.crop_n_layers 1)"
             )
         instances = choose_instance_method(instances, has_decoder=False)
-    segmenter = Segmenter.from_pretrained(model_path, base_model=base_model)
+    segmenter = Segmenter.from_pretrained(model_path, base_model=base_model, strength=strength)
     reading = segmenter.task.image_reading
     report = check_dataset(images, reading=reading, skip_bad=skip_bad, skip_advice="--skip-bad")
     bad = [{"image": str(p.path or p.sample), "error": p.message} for p in report.problems if p.sample is not None]
@@ -773,6 +785,7 @@ def predict_folder(
         "tile": None if tile is None else [tile, overlap],
         "overlays": overlays,
         "instances": None if instances is None else [instances, asdict(amg or AmgConfig())],
+        "strength": strength,
     }
     reused = 0
     with owned_folder(output_dir, "predictions", "predict", option="--output"):
@@ -988,6 +1001,30 @@ def _sizes(names: dict[str, Path]) -> dict[str, tuple[int, int]]:
             cache[path] = tuple(int(v) for v in read_image_size(path))  # type: ignore[assignment]
         sizes[name] = cache[path]
     return sizes
+
+
+def export_at_strength(
+    model_path: str | Path, output_dir: str | Path, strength: float, *, base_model: str | None = None
+) -> dict[str, Any]:
+    """Write a trained LoRA / Conv-LoRA adapter folder with its strength folded into the weights.
+
+    The result is a regular adapter folder (PEFT's files and convlora's task file): stock
+    ``PeftModel.from_pretrained`` and ``load_trained`` give the outputs of ``set_strength(model, task, strength)``.
+
+    Args:
+        model_path: the trained adapter folder.
+        output_dir: a new or empty folder, or a model folder convlora wrote.
+        strength: in [0, 1] (see :func:`~convlora.artifact.strength.set_strength`).
+        base_model: see :meth:`Segmenter.from_pretrained`.
+
+    >>> export_at_strength("runs/polyp/adapter", "runs/polyp/adapter-0.7", 0.7)  # doctest: +SKIP
+    """
+    check_apart(output_dir, {"--model": model_path, "--base-model": base_model})
+    check_owned(output_dir, "model", option="--output")
+    model, task = load_trained(model_path, base_model=base_model)
+    set_strength(model, task, strength)
+    export_trained(model, task, output_dir)
+    return {"output_dir": str(output_dir), "method": task.method, "strength": strength}
 
 
 def merge_model(model_path: str | Path, output_dir: str | Path, *, base_model: str | None = None) -> dict[str, Any]:
