@@ -175,9 +175,7 @@ def atomic_dir(path: str | Path, kind: str, *, option: str = "output") -> Iterat
         _settle(tmp)
         _fsync_dir(tmp)
         if path.exists():
-            old = _temporary_dir(path)
-            old.rmdir()
-            old = old.with_suffix(".old")
+            old = tmp.with_suffix(".old")  # as unique as the temporary folder, and removed as stale like it
             os.replace(path, old)
             try:
                 os.replace(tmp, path)

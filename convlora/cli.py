@@ -239,12 +239,9 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the derived prompts")
     parser.add_argument("--compare-base", action="store_true", help="also score the base SAM under the same prompts")
-    parser.add_argument(
-        "--instances", choices=["auto", "amg", "ais", "apg"], default=None,
-        help="score objects instead of pixels (mSA, F1@0.5, counts) against masks holding one id per object; amg = "
-        "automatic mask generation",
-    )  # fmt: skip
-    _add_amg_arguments(parser)
+    _add_instance_arguments(
+        parser, "score objects instead of pixels (mSA, F1@0.5, counts) against masks holding one id per object"
+    )
     _add_strength_argument(parser)
     parser.set_defaults(handler=_run_evaluate)
 
@@ -308,13 +305,10 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
         help="JSON file mapping image file names to {boxes, points, point_labels}, or a COCO file with bbox entries",
     )  # fmt: skip
     _add_tile_arguments(parser)
-    parser.add_argument(
-        "--instances", choices=["auto", "amg", "ais", "apg"], default=None,
-        help="one mask per object: OUTPUT/instances/<image>.png (16-bit ids) and .json (COCO-style, RLE masks, "
-        "scores); amg = automatic mask generation from a grid of point prompts (any model); auto = the model's "
-        "trained instance decoder where it has one, else amg",
-    )  # fmt: skip
-    _add_amg_arguments(parser)
+    _add_instance_arguments(
+        parser,
+        "one mask per object: OUTPUT/instances/<image>.png (16-bit ids) and .json (COCO-style, RLE masks, scores)",
+    )
     _add_strength_argument(parser)
     parser.set_defaults(handler=_run_predict)
 
@@ -327,7 +321,13 @@ def _add_strength_argument(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _add_amg_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_instance_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--instances`` and the automatic mask generation settings (predict and evaluate take the same)."""
+    parser.add_argument(
+        "--instances", choices=["auto", "amg", "ais", "apg"], default=None,
+        help=f"{what}; amg = automatic mask generation from a grid of point prompts (any model); auto = the model's "
+        "trained instance decoder where it has one, else amg",
+    )  # fmt: skip
     amg = parser.add_argument_group("automatic mask generation (--instances amg), under SAM's names")
     for name, (kind, default, text) in AMG_OPTIONS.items():
         amg.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: {default})")
