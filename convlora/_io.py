@@ -279,6 +279,9 @@ FOLDER_KINDS: dict[str, FolderKind] = {
     "checkpoint": FolderKind("a checkpoint", ("progress.json",), ("*.json", "*.safetensors")),
     "onnx": FolderKind("an ONNX export", ("deploy.json",), ("*.onnx", "*.json", "*.data", "*.onnx_data")),
     "dataset": FolderKind("a synthetic dataset", ("dataset.json",), ("train", "val", "test", "*.json")),
+    "tradeoff": FolderKind(
+        "a strength trade-off folder", ("tradeoff.json",), ("tradeoff.json", "tradeoff.md", "tradeoff.png")
+    ),
     "predictions": FolderKind(
         "a prediction folder",
         ("predictions.json", "predictions.jsonl"),

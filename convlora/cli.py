@@ -100,7 +100,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         "--no-progress", action="store_true", help="no progress output (bars on a terminal, plain lines otherwise)"
     )
     add_config_options(parser, TrainConfig)
-    parser.set_defaults(handler=_run_train, accepts_overrides=True)
+    parser.set_defaults(handler=_run_train)
 
 
 _OPTION_PREFIX = "config_field:"
@@ -588,6 +588,70 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tradeoff(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "tradeoff",
+        help="a fine-tune's target metric against how much of SAM's promptable skill it keeps, strength by strength",
+        description="Put a LoRA / Conv-LoRA adapter at each strength (0: SAM's own model, 1: as trained), score the "
+        "target metric on --data (its val split when it has one) and the retention on a keep set: the model's "
+        "prompted mean per-object IoU (one box, one centre point, three correction clicks per object) divided by "
+        "the base's. Writes OUTPUT/tradeoff.json, OUTPUT/tradeoff.md (a table) and OUTPUT/tradeoff.png (metric "
+        "against retention, points labelled with their strength).",
+    )
+    parser.add_argument("--model", required=True, help="trained adapter folder (e.g. runs/polyp/adapter)")
+    parser.add_argument("--data", required=True, help="labelled target data, folder or CSV (e.g. data/polyp)")
+    parser.add_argument(
+        "--keep_data", "--keep-data", dest="keep_data", default=None, metavar="KEEP",
+        help="labelled folder of objects the base should keep segmenting (binary masks: connected components; "
+        "instance masks: one object per id); default: the generic keep set when the base is convlora-tiny, "
+        "required otherwise",
+    )  # fmt: skip
+    parser.add_argument(
+        "--strengths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="A",
+        help="strengths in [0, 1] (default: 0 0.25 0.5 0.75 1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--output", required=True,
+        help="output folder: new, empty, or a trade-off folder convlora wrote (replaced whole)",
+    )  # fmt: skip
+    parser.add_argument("--base-model", default=None, help="SAM checkpoint to use instead of the recorded one")
+    parser.add_argument("--metric", default=None, help="target metric (default: the task's main metric)")
+    parser.add_argument(
+        "--split", default="auto", help="split of --data: auto (val, else test, else every sample) or a split name"
+    )
+    parser.add_argument(
+        "--min-retention", type=float, default=0.95,
+        help="the selection rule names the best strength whose retention reaches this (default: 0.95)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--keep-images", type=int, default=None, metavar="N",
+        help="at most N keep images (default: 32 for the generic keep set, every image of --keep_data)",
+    )  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass on --data")
+    parser.set_defaults(handler=_run_tradeoff)
+
+
+def _run_tradeoff(args: argparse.Namespace) -> int:
+    from .tradeoff import tradeoff
+
+    result = tradeoff(
+        args.model,
+        args.data,
+        args.output,
+        keep_data=args.keep_data,
+        strengths=args.strengths,
+        base_model=args.base_model,
+        metric=args.metric,
+        split=args.split,
+        min_retention=args.min_retention,
+        keep_images=args.keep_images,
+        batch_size=args.batch_size,
+    )
+    print(f"Wrote tradeoff.json, tradeoff.md and tradeoff.png to {args.output}")
+    print(f"Chosen: {result['choice']['reason']}")
+    return 0
+
+
 def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     from .bench.runner import DESCRIPTION, add_arguments
 
@@ -609,6 +673,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "predict": _add_predict,
     "merge": _add_merge,
     "export": _add_export,
+    "tradeoff": _add_tradeoff,
     "inspect": _add_inspect,
     "params": _add_params,
     "benchmark": _add_benchmark,
@@ -627,16 +692,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# subcommands that take --KEY VALUE settings beyond their declared options (nested config keys)
+_TAKES_OVERRIDES = ("train",)
+
+
+def _check_shape(argv: list[str]) -> int | None:
+    """Parse ``argv`` with the parser's snapshot: help and usage errors end here, before torch loads.
+
+    Returns the exit status when the command line asks for nothing to run (no subcommand), else ``None``.
+    """
+    from ._cli_spec import quick_parser
+
+    parser = quick_parser()
+    args, extra = parser.parse_known_args(argv)  # prints help or a usage error and exits
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if extra and args.command not in _TAKES_OVERRIDES:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``convlora`` command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    status = _check_shape(argv)
+    if status is not None:
+        return status
     if argv[:1] == ["benchmark"]:  # its own parser: `convlora benchmark run|report ...`
         from .bench import main as benchmark_main
 
         return benchmark_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "accepts_overrides", False):
+    if extra and args.command not in _TAKES_OVERRIDES:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     handler: Handler | None = getattr(args, "handler", None)

@@ -118,6 +118,7 @@ def cli_markdown() -> str:
 
 def _command_section(title: str, text: str, sub: argparse.ArgumentParser, level: int) -> list[str]:
     """One subcommand: summary, description, usage, a table of its arguments; nested subcommands below."""
+    from convlora.cli import _TAKES_OVERRIDES
     from convlora.training.config import TrainConfig
 
     out = ["", f"{'#' * level} `{title}`", ""]
@@ -139,7 +140,7 @@ def _command_section(title: str, text: str, sub: argparse.ArgumentParser, level:
             help_text = _cell(getattr(action, "field_help", None) or _help_text(action, sub.prog))
             out.append(f"| {names} | {_value(action)} | {_default(action)} | {help_text} |")
         out.append("")
-    if getattr(sub, "_defaults", {}).get("accepts_overrides"):
+    if sub.prog.split()[-1] in _TAKES_OVERRIDES:
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         listed = {o.removeprefix("--") for _, actions in groups for a in actions for o in a.option_strings}
         out += [
