@@ -297,6 +297,7 @@ FOLDER_KINDS: dict[str, FolderKind] = {
             "metrics.json",
             "comparison.json",
             "logs",
+            "embedding_cache",
             "*.png",
             ".convlora-run.lock",
             ".*.tmp",

@@ -53,7 +53,7 @@ def allocator_of(task: str) -> str:
     >>> allocator_of("train"), allocator_of("latency")
     ('memory', 'timing')
     """
-    return "memory" if task == "train" else "timing"
+    return "memory" if task in ("train", "inference", "prompted") else "timing"
 
 
 def run_isolated(spec: dict[str, Any], threads: int, allocator: str | None = None) -> dict[str, Any]:
@@ -207,19 +207,39 @@ def run_cost(
     reference["ratios_to_lora"] = ratios(rows, keys)
     reference["interleaved_timing"] = timing
 
+    def predict_point(task: str, method: str, image_size: int | None, **values: int) -> dict[str, Any]:
+        runs = {"latency_runs": experiment.latency_runs, "latency_warmup": experiment.latency_warmup}
+        spec = {**common, "task": task, "method": method, "image_size": image_size, **runs, **values}
+        result = cached(spec, experiment.threads, cache_dir, fresh)
+        what = f"{values['prompts']} prompts" if task == "prompted" else f"batch {values['batch_size']}"
+        log(
+            f"  {method} merged, {task} at {result['image_size']} px, {what}: "
+            f"{result['seconds_per_image'] * 1000:.1f} ms/image, peak {_mib(result['peak_memory_bytes'])} MiB"
+        )
+        return result
+
     sweeps: dict[str, Any] = {}
     for axis, values in experiment.sweeps.items():
         log(f"{experiment.name}: sweep over {axis}")
         points = []
         for value in values:
+            if axis == "prompts":
+                rows_p = {m: predict_point("prompted", m, experiment.image_size, prompts=value)
+                          for m in experiment.sweep_methods}  # fmt: skip
+                points.append({axis: value, "prompted": rows_p})
+                continue
             size = value if axis == "image_size" else experiment.image_size
             batch = value if axis == "batch_size" else experiment.batch_size
             point_rows = {m: train_point(m, size, batch) for m in experiment.sweep_methods}
             point_timing = interleave(list(experiment.sweep_methods), size, batch, point_rows)
             point_ratios = ratios(point_rows, ("step_seconds", "peak_memory_bytes"))
-            points.append(
-                {axis: value, "methods": point_rows, "ratios_to_lora": point_ratios, "interleaved_timing": point_timing}
-            )
+            point = {axis: value, "methods": point_rows, "ratios_to_lora": point_ratios,
+                     "interleaved_timing": point_timing}  # fmt: skip
+            if experiment.sweep_predict:
+                point["predict"] = {
+                    m: predict_point("inference", m, size, batch_size=batch) for m in experiment.sweep_methods
+                }
+            points.append(point)
         sweeps[axis] = points
     return {"reference": reference, "latency": latency, "sweeps": sweeps}
 

@@ -176,8 +176,11 @@ class CostExperiment:
         latency_warmup: untimed forward passes per model first.
         latency_batch_size: images per forward pass in the latency measurement.
         sweep_methods: methods measured along the sweeps.
-        sweeps: ``{"image_size": [...], "batch_size": [...]}``: each list is swept with the other value held
-            at the reference point.
+        sweeps: ``{"image_size": [...], "batch_size": [...], "prompts": [...]}``: each list is swept with the
+            other values held at the reference point; ``prompts`` times prompted prediction of one image (the
+            encoder once, then that many box prompts) with the sweep methods merged.
+        sweep_predict: also time prompt-free prediction (forward per image, peak memory; merged models) at
+            every image-size and batch-size point.
         threads: torch CPU threads.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"fp32"`` or ``"bf16"``.
@@ -198,6 +201,7 @@ class CostExperiment:
     latency_batch_size: int = 1
     sweep_methods: list[str] = field(default_factory=lambda: ["lora", "conv_lora"])
     sweeps: dict[str, list[int]] = field(default_factory=dict)
+    sweep_predict: bool = False
     threads: int = 1
     device: str = "auto"
     precision: str = "auto"
@@ -220,9 +224,11 @@ class CostExperiment:
                 raise ValueError(f"{self.name}: {label} must be an integer >= 0, got {getattr(self, label)!r}")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"{self.name}: image_size must be positive or null, got {self.image_size}")
-        unknown = sorted(set(self.sweeps) - {"image_size", "batch_size"})
+        unknown = sorted(set(self.sweeps) - {"image_size", "batch_size", "prompts"})
         if unknown:
-            raise ValueError(f"{self.name}: sweeps may vary image_size and batch_size, got {unknown}")
+            raise ValueError(f"{self.name}: sweeps may vary image_size, batch_size and prompts, got {unknown}")
+        if (self.sweeps.get("prompts") or self.sweep_predict) and self.latency_runs < 1:
+            raise ValueError(f"{self.name}: prediction sweeps (prompts, sweep_predict) need latency_runs >= 1")
         for axis, values in self.sweeps.items():
             if not values or not all(isinstance(v, int) and v > 0 for v in values):
                 raise ValueError(f"{self.name}: sweeps.{axis} must be a non-empty list of positive integers")

@@ -398,8 +398,153 @@ def measure_latency(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _peak_since(baseline: int | None, baseline_code: int | None, device: torch.device) -> tuple[int | None, str]:
+    """Peak memory since the baselines were read (see :func:`measure_training`) and how it was measured."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    hwm, code_now = _peak_rss_bytes(), _rss_bytes("RssFile")
+    peak = hwm - baseline if hwm is not None and baseline is not None else None
+    if peak is None or code_now is None or baseline_code is None:
+        return peak, "VmHWM - VmRSS after imports"
+    return peak - (code_now - baseline_code), "VmHWM - VmRSS after imports - code paged in (RssFile growth)"
+
+
+def _inference_model(spec: dict[str, Any], device: torch.device) -> tuple[nn.Module, int]:
+    """The model a prediction of ``spec["method"]`` runs: the base, or LoRA / Conv-LoRA merged into it."""
+    from ..models import apply_conv_lora
+    from ..tuner.config import ConvLoraConfig
+
+    torch.manual_seed(0)
+    model = build_base(spec["model"], spec.get("image_size"))
+    size = family_of(model).image_size(model)
+    method = spec["method"]
+    if method in ("lora", "conv_lora"):
+        settings = ConvLoraConfig(**{**spec.get("conv_lora", {}), "init_lora_weights": False})
+        model = apply_conv_lora(model, settings, plain_lora=method == "lora").merge_and_unload()
+    elif method != "base":
+        raise ValueError(f"inference measurements take method base, lora or conv_lora, got {method!r}")
+    return model.to(device).eval(), size
+
+
+def _timed(run: Any, device: torch.device, warmup: int, runs: int) -> list[float]:
+    times = []
+    for index in range(warmup + runs):
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def measure_inference(spec: dict[str, Any]) -> dict[str, Any]:
+    """Prompt-free prediction: forward time per image and peak memory of one merged model (eval, no_grad).
+
+    Args:
+        spec: ``model``, ``method`` (``base``, ``lora`` or ``conv_lora``, merged), ``conv_lora``, ``image_size``,
+            ``batch_size``, ``latency_runs``, ``latency_warmup``, ``device``, ``precision``.
+    """
+    from ..models import segmentation_logits
+
+    device = pick_device(spec.get("device", "auto"))
+    dtype = pick_dtype(spec.get("precision", "auto"), device)
+    baseline, baseline_code = _rss_bytes("VmRSS"), _rss_bytes("RssFile")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    load_before = load_average()
+    model, size = _inference_model(spec, device)
+    batch = int(spec["batch_size"])
+    pixels, _ = _inputs(batch, size, device)
+
+    def forward() -> None:
+        with torch.no_grad(), _autocast(device, dtype):
+            segmentation_logits(model, pixels)
+
+    times = _timed(forward, device, int(spec["latency_warmup"]), int(spec["latency_runs"]))
+    peak, source = _peak_since(baseline, baseline_code, device)
+    return {
+        "task": "inference",
+        "method": spec["method"],
+        "image_size": size,
+        "batch_size": batch,
+        "seconds_per_image": statistics.median(times) / batch,
+        "seconds_all": times,
+        "peak_memory_bytes": peak,
+        "memory_source": source,
+        "device": device.type,
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "load_before": load_before,
+        "load_after": load_average(),
+    }
+
+
+def measure_prompted(spec: dict[str, Any]) -> dict[str, Any]:
+    """Prompted prediction of one image: the encoder once, then ``prompts`` boxes decoded 64 at a time.
+
+    What ``Segmenter.predict(image, prompts=...)`` and ``convlora predict --prompts`` do; the time splits
+    into the encoder's (once per image, whatever the number of prompts) and the prompt decoder's.
+
+    Args:
+        spec: ``model``, ``method`` (``base``, ``lora`` or ``conv_lora``, merged), ``conv_lora``, ``image_size``,
+            ``prompts``, ``latency_runs``, ``latency_warmup``, ``device``, ``precision``.
+    """
+    from ..prompting import decode_prompts, encode_images
+
+    device = pick_device(spec.get("device", "auto"))
+    dtype = pick_dtype(spec.get("precision", "auto"), device)
+    baseline, baseline_code = _rss_bytes("VmRSS"), _rss_bytes("RssFile")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    load_before = load_average()
+    model, size = _inference_model(spec, device)
+    pixels, _ = _inputs(1, size, device)
+    count = int(spec["prompts"])
+    generator = torch.Generator().manual_seed(0)
+    corner = torch.rand(count, 2, generator=generator) * size * 0.7
+    side = (torch.rand(count, 2, generator=generator) * 0.25 + 0.05) * size
+    boxes = torch.cat([corner, corner + side], dim=1).to(device)
+    chunk = 64
+    encoded: dict[str, Any] = {}
+
+    def encode() -> None:
+        with torch.no_grad(), _autocast(device, dtype):
+            encoded["embeddings"] = encode_images(model, pixels)
+
+    def decode() -> None:
+        with torch.no_grad(), _autocast(device, dtype):
+            for start in range(0, count, chunk):
+                part = boxes[start : start + chunk]
+                index = torch.zeros(len(part), dtype=torch.long, device=device)
+                decode_prompts(model, encoded["embeddings"], index, boxes=part)
+
+    warmup, runs = int(spec["latency_warmup"]), int(spec["latency_runs"])
+    encode_times = _timed(encode, device, warmup, runs)
+    decode_times = _timed(decode, device, warmup, runs)
+    peak, source = _peak_since(baseline, baseline_code, device)
+    encoder, decoder = statistics.median(encode_times), statistics.median(decode_times)
+    return {
+        "task": "prompted",
+        "method": spec["method"],
+        "image_size": size,
+        "prompts": count,
+        "encoder_seconds": encoder,
+        "decoder_seconds": decoder,
+        "seconds_per_image": encoder + decoder,
+        "decoder_seconds_per_prompt": decoder / count,
+        "peak_memory_bytes": peak,
+        "memory_source": source,
+        "device": device.type,
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "load_before": load_before,
+        "load_after": load_average(),
+    }
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run the measurement ``spec["task"]`` (``"train"``, ``"interleaved"`` or ``"latency"``) in this process."""
+    """Run the measurement ``spec["task"]`` (train, interleaved, latency, inference or prompted) in this process."""
     set_threads(int(spec.get("threads", 1)))
     if spec.get("task") == "train":
         return measure_training(spec)
@@ -407,7 +552,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         return measure_interleaved(spec)
     if spec.get("task") == "latency":
         return measure_latency(spec)
-    raise ValueError(f"measurement task must be 'train', 'interleaved' or 'latency', got {spec.get('task')!r}")
+    if spec.get("task") == "inference":
+        return measure_inference(spec)
+    if spec.get("task") == "prompted":
+        return measure_prompted(spec)
+    raise ValueError(
+        "measurement task must be 'train', 'interleaved', 'latency', 'inference' or 'prompted', "
+        f"got {spec.get('task')!r}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,7 +76,9 @@ def plot_scaling(result: dict[str, Any], path: str | Path) -> None:
     """Step time and peak memory against each swept axis, one line per method."""
     from matplotlib import ticker
 
-    sweeps = result["sweeps"]
+    sweeps = {axis: points for axis, points in result["sweeps"].items() if "methods" in points[0]}
+    if not sweeps:
+        return
     figure, axes = _subplots(2, len(sweeps), figsize=(4.2 * len(sweeps), 6.0), squeeze=False)
     for column, (axis, points) in enumerate(sweeps.items()):
         xs = [p[axis] for p in points]

@@ -54,7 +54,7 @@ def write_report(results_dir: str | Path, readme: str | Path | None = None) -> l
         else:
             text = cost_markdown(result)
             plot_cost(result, results_dir / f"{name}.png")
-            if result.get("sweeps"):
+            if any("methods" in points[0] for points in result.get("sweeps", {}).values()):
                 plot_scaling(result, results_dir / f"{name}_scaling.png")
                 written.append(results_dir / f"{name}_scaling.png")
         with atomic_file(results_dir / f"{name}.md", "w") as handle:
