@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from convlora.bench import experiment_from_dict, main
 from convlora.bench.cost import ALLOCATOR, ratios, run_isolated
+from convlora.bench.formatting import fmt_seconds
 from convlora.bench.quality import mean_std
 
 pytestmark = pytest.mark.slow
@@ -44,7 +46,8 @@ def smoke(tmp_path_factory, tiny_sam_dir) -> Path:
         "timed_steps": 2,
         "latency_runs": 2,
         "latency_warmup": 1,
-        "sweeps": {"batch_size": [1]},
+        "sweeps": {"batch_size": [1], "prompts": [3]},
+        "sweep_predict": True,
     }
     for name, config in (("quality", quality), ("cost", cost)):
         (root / f"{name}.json").write_text(json.dumps(config))
@@ -104,6 +107,15 @@ def test_cost_ratios_to_lora_are_the_absolute_values_divided(smoke):
         assert row["code_pages_bytes"] is None or 0 <= row["code_pages_bytes"] < 200 * 2**20
     point = result["sweeps"]["batch_size"][0]
     assert point["batch_size"] == 1 and point["methods"]["conv_lora"]["batch_size"] == 1
+    # prediction at the sweep point: the merged models' forward per image, and prompted prediction by prompts
+    for method, row in point["predict"].items():
+        assert row["method"] == method and row["batch_size"] == 1 and row["peak_memory_bytes"] > 0
+        assert row["seconds_per_image"] == pytest.approx(statistics.median(row["seconds_all"]))
+    prompted = result["sweeps"]["prompts"][0]
+    assert prompted["prompts"] == 3 and set(prompted["prompted"]) == {"lora", "conv_lora"}
+    for row in prompted["prompted"].values():
+        assert row["seconds_per_image"] == pytest.approx(row["encoder_seconds"] + row["decoder_seconds"])
+        assert row["decoder_seconds_per_prompt"] == pytest.approx(row["decoder_seconds"] / 3)
     # memory is measured under the fixed mmap threshold, timings with freed memory kept; both recorded
     assert {row["allocator"]["kind"] for row in rows.values()} == {"memory"}
     assert result["reference"]["interleaved_timing"]["allocator"]["kind"] == "timing"
@@ -148,6 +160,9 @@ def test_report_writes_tables_and_plots_from_the_json_alone(smoke):
     assert f"| conv_lora | {conv['trainable_parameters']:.2f}× |" in table
     index = (results / "README.md").read_text()
     assert "## smoke_quality" in index and "## smoke_cost" in index
+    prompted = json.loads((results / "smoke_cost.json").read_text())["sweeps"]["prompts"][0]["prompted"]["lora"]
+    assert re.search(rf"^\| 3 \| {re.escape(fmt_seconds(prompted['seconds_per_image']))} \|", table, re.M)
+    assert "lora predict per image" in table
 
 
 def test_rerunning_reuses_finished_quality_runs(smoke):

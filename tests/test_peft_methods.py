@@ -300,3 +300,21 @@ def test_the_engine_trains_dora_with_options_and_exports_it(tiny_sam_dir, polyp_
     magnitudes = [name for name, _ in model.named_parameters() if "lora_magnitude_vector" in name]
     assert magnitudes
     assert "dora" in (result.adapter_dir / "README.md").read_text()
+
+
+def test_the_benchmark_counts_each_methods_own_tensors_as_the_comparison_page_lists_them():
+    import json
+    import re
+    from pathlib import Path
+
+    from convlora.bench.quality import own_parameters
+
+    root = Path(__file__).resolve().parents[1]
+    config = json.loads((root / "benchmarks" / "configs" / "peft_methods.json").read_text())
+    counts = own_parameters({"config": config})
+    page = (root / "docs" / "concepts" / "comparison.md").read_text()
+    listed = {
+        m.group(1): int(m.group(2).replace(",", ""))
+        for m in re.finditer(r"^\| `(\w+)` \|[^|]*\|[^|]*\|[^|]*\| ([\d,]+) \|", page, re.M)
+    }
+    assert counts == {name: listed[name] for name in counts} and len(counts) == 10

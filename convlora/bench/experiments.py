@@ -81,6 +81,9 @@ class QualityExperiment:
         report_metrics: per domain, the test metrics shown in the tables; the domain's main metric first.
         baseline: the arm the others are compared with; ``"lora"`` when there is one, else the first arm.
         threads: torch CPU threads for the runs.
+        title: what the README's summary calls the experiment (e.g. "Where the adapters sit"); its name when unset.
+        params_plot: also plot each domain's main metric against the arms' own trainable parameters
+            (``<name>_params.png``).
     """
 
     name: str
@@ -97,6 +100,8 @@ class QualityExperiment:
     report_metrics: dict[str, list[str]] = field(default_factory=dict)
     baseline: str | None = None
     threads: int = 1
+    title: str = ""
+    params_plot: bool = False
 
     def __post_init__(self) -> None:
 

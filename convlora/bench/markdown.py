@@ -307,8 +307,9 @@ def _quality_summary(result: dict[str, Any]) -> list[str]:
     seeds = _setting(result, "seeds")
     prompt = _prompt(result)
     prompted = "" if prompt is None else f", trained and tested with {prompt} prompts"
+    title = result["config"].get("title") or "Quality"
     lines = [
-        f"**Quality** (`{result['name']}`{prompted}): test split, mean ± std over {len(seeds)} seeds, "
+        f"**{title}** (`{result['name']}`{prompted}): test split, mean ± std over {len(seeds)} seeds, "
         f"{_steps_text(result)} "
         f"per run, base `{_setting(result, 'model')}`. The last column says whether "
         f"Conv-LoRA differs from {baseline} by more than two standard errors.",
@@ -323,9 +324,9 @@ def _ablation_summary(result: dict[str, Any]) -> list[str]:
     main = row["metrics"][0]
     arms = row["arms"]
     deltas = ["–" if arm == row["baseline"] else fmt_delta(arms[arm]["vs_baseline"].get(main)) for arm in arms]
+    title = result["config"].get("title") or "Conv-LoRA's choices"
     lines = [
-        f"**Conv-LoRA's choices** (`{result['name']}`, {row['domain']}, {metric_label(main)}, Δ against "
-        f"{row['baseline']}):",
+        f"**{title}** (`{result['name']}`, {row['domain']}, {metric_label(main)}, Δ against {row['baseline']}):",
         "",
         "| arm | " + " | ".join(row["arms"]) + " |",
         "|---|" + "---:|" * len(row["arms"]),

@@ -54,6 +54,38 @@ def plot_quality(result: dict[str, Any], path: str | Path) -> None:
     _save(figure, Path(path))
 
 
+def plot_params(result: dict[str, Any], params: dict[str, int], path: str | Path) -> None:
+    """Each domain's main metric (mean ± std over seeds) against each arm's own trainable parameters (log scale).
+
+    Args:
+        result: a quality result.
+        params: per arm, the parameters it trains besides the mask decoder every arm trains.
+        path: the PNG to write.
+    """
+    summary = result["summary"]
+    methods = {a["name"]: a["method"] for a in result["config"]["arms"]}
+    columns = min(4, len(summary))
+    rows = -(-len(summary) // columns)
+    figure, axes = _subplots(rows, columns, figsize=(4.0 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(summary) :]:
+        ax.set_visible(False)
+    for ax, row in zip(axes.flat, summary, strict=False):
+        main = row["metrics"][0]
+        for arm, entry in row["arms"].items():
+            if arm not in params:
+                continue
+            stat = entry["metrics"][main]
+            shade = colour(arm) if arm in METHODS else colour(methods[arm])
+            ax.errorbar(params[arm], stat["mean"], yerr=stat["std"] or 0.0, fmt="o", color=shade, capsize=3)
+            ax.annotate(arm, (params[arm], stat["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set(xlabel="own trainable parameters (besides the mask decoder)", ylabel=metric_label(main))
+        ax.set_title(row["domain"], fontsize=10)
+    figure.suptitle(f"{result['name']}: quality against trainable parameters (mean ± std over seeds)", fontsize=11)
+    figure.tight_layout()
+    _save(figure, Path(path))
+
+
 def plot_cost(result: dict[str, Any], path: str | Path) -> None:
     """Bars per method at the reference point: step time, peak memory and merged inference latency."""
     rows = result["reference"]["methods"]

@@ -18,6 +18,7 @@ import math
 import shutil
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,7 @@ def run_one(fields: dict[str, Any], run_dir: Path, domain: str, arm: Arm) -> dic
         "steps": result.steps,
         "test_metrics": metrics,
         "val_best": {"metric": result.metric, "value": result.best_value, "epoch": result.best_epoch},
+        "retention": kept_retention(result.history, result.best_epoch),
         "trainable_parameters": result.trainable_parameters,
         "adapter_bytes": _artifact_bytes(result.adapter_dir),
         "wall_seconds": round(wall, 2),
@@ -149,6 +151,24 @@ def run_one(fields: dict[str, Any], run_dir: Path, domain: str, arm: Arm) -> dic
     shutil.rmtree(train_dir / "checkpoints", ignore_errors=True)  # resumable state, not needed once finished
     write_json(result_file, record)
     return {**record, "reused": False}
+
+
+def kept_retention(history: list[dict[str, Any]], epoch: int | None) -> dict[str, float]:
+    """The retention of the kept model (``retention``, ``retention_val``, per protocol), from its evaluation.
+
+    Empty when the run did not measure retention. Tables report these keys like test metrics
+    (``report_metrics``: ``["s_measure", "retention", "retention_val"]``).
+
+    >>> kept_retention([{"epoch": 0, "iou": 0.5, "retention": 0.98}, {"epoch": 1, "retention": 0.9}], 0)
+    {'retention': 0.98}
+    """
+    entry = next((e for e in history if e.get("epoch") == epoch), {})
+    return {k: v for k, v in entry.items() if k.startswith("retention")}
+
+
+def _reported(record: dict[str, Any]) -> dict[str, Any]:
+    """A run's numbers the tables report: its test metrics and the kept model's retention."""
+    return {**record["test_metrics"], **record.get("retention", {})}
 
 
 def zero_shot(fields: dict[str, Any], domain_dir: Path, domain: str) -> dict[str, Any]:
@@ -173,6 +193,36 @@ def zero_shot(fields: dict[str, Any], domain_dir: Path, domain: str) -> dict[str
               "fields": fields}  # fmt: skip
     write_json(result_file, record)
     return {**record, "reused": False}
+
+
+def own_parameters(result: dict[str, Any]) -> dict[str, int] | None:
+    """Per arm, the parameters it trains besides the mask decoder, counted on the meta device (no weights).
+
+    Only for results on the embedded base's architecture (the synthetic suite); ``None`` otherwise.
+
+    Args:
+        result: a quality result (its ``config`` names the model and the arms).
+    """
+    from transformers import SamModel
+
+    from ..models import tiny_sam_config
+    from ..models.embedded import BASE_ARCHITECTURE
+    from ..tuner.config import ConvLoraConfig
+
+    if result["config"].get("model") != "convlora-tiny" or result.get("overrides", {}).get("model"):
+        return None
+    counts = {}
+    for arm in result["config"]["arms"]:
+        with torch.device("meta"):
+            base = SamModel(tiny_sam_config(**BASE_ARCHITECTURE))
+        with warnings.catch_warnings():  # the adapters are made off the meta device: BOFT reads values as it builds
+            warnings.simplefilter("ignore")  # PEFT's notes on layer types and CUDA kernels say nothing here
+            method = METHODS[arm["method"]]
+            model = method.build(base, ConvLoraConfig(**arm.get("conv_lora", {})) if method.uses_adapter else None)
+        counts[arm.get("name") or arm["method"]] = sum(
+            p.numel() for n, p in model.named_parameters() if p.requires_grad and ".mask_decoder." not in f".{n}"
+        )
+    return counts
 
 
 def mean_std(values: list[float]) -> dict[str, Any]:
@@ -214,7 +264,7 @@ def summarize(
                 "method": arm.method,
                 "conv_lora": dict(arm.conv_lora),
                 "seeds": sorted(r["seed"] for r in chosen),
-                "metrics": {m: mean_std([r["test_metrics"].get(m) for r in chosen]) for m in metrics},
+                "metrics": {m: mean_std([_reported(r).get(m) for r in chosen]) for m in metrics},
                 "trainable_parameters": chosen[0]["trainable_parameters"],
                 "adapter_bytes": chosen[0]["adapter_bytes"],
                 "wall_seconds": mean_std([r["wall_seconds"] for r in chosen]),

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .._io import atomic_file
 from .markdown import cost_markdown, quality_markdown, replace_summary, summary_markdown
-from .plots import plot_cost, plot_quality, plot_scaling
+from .plots import plot_cost, plot_params, plot_quality, plot_scaling
+from .quality import own_parameters
 from .schema import load_results
 
 # ----------------------------------------------------------------------------------------------- formats
@@ -51,6 +52,11 @@ def write_report(results_dir: str | Path, readme: str | Path | None = None) -> l
         if result["kind"] == "quality":
             text = quality_markdown(result)
             plot_quality(result, results_dir / f"{name}.png")
+            params = own_parameters(result) if result["config"].get("params_plot") else None
+            if params:
+                plot_params(result, params, results_dir / f"{name}_params.png")
+                written.append(results_dir / f"{name}_params.png")
+                text += f"\n![{name}: quality against parameters]({name}_params.png)\n"
         else:
             text = cost_markdown(result)
             plot_cost(result, results_dir / f"{name}.png")
