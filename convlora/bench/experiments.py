@@ -39,6 +39,8 @@ class Arm:
         method: ``"conv_lora"``, ``"lora"``, ``"decoder"`` or ``"full"``.
         name: label in tables and run folders; the method's name when unset.
         conv_lora: fields of ``ConvLoraConfig`` for ``conv_lora``/``lora`` (rank, experts, ...).
+        train: ``TrainConfig`` fields of this arm's runs, applied after the experiment's ``train``
+            (e.g. ``{"joint_prompted": 0.25}``).
 
     >>> Arm("conv_lora", "experts_4", {"num_experts": 4}).name
     'experts_4'
@@ -47,6 +49,7 @@ class Arm:
     method: str
     name: str = ""
     conv_lora: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -58,6 +61,11 @@ class Arm:
             raise ValueError(f"arm {self.name!r}: conv_lora must be a mapping, got {self.conv_lora!r}")
         if self.conv_lora and not METHODS[self.method].uses_adapter:
             raise ValueError(f"arm {self.name!r}: conv_lora settings do not apply to method {self.method!r}")
+        if not isinstance(self.train, dict):
+            raise ValueError(f"arm {self.name!r}: train must be a mapping of TrainConfig fields, got {self.train!r}")
+        reserved = sorted(set(self.train) & {"data", "method", "seed", "max_steps", "conv_lora", "output_dir"})
+        if reserved:
+            raise ValueError(f"arm {self.name!r}: train cannot set {reserved} (the experiment and the arm decide them)")
 
 
 @dataclass

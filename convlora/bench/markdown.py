@@ -129,7 +129,7 @@ def _best(values: dict[str, dict[str, Any]], metric: str) -> str | None:
     scored = {a: s["mean"] for a, s in values.items() if s.get("mean") is not None}
     if not scored:
         return None
-    pick = max if higher_is_better(metric) else min
+    pick = max if metric.startswith("retention") or higher_is_better(metric) else min  # retention: no task metric
     return pick(scored, key=scored.get)
 
 
@@ -145,7 +145,8 @@ def _by_arm_table(row: dict[str, Any], arms: list[str]) -> list[str]:
         entry = row["arms"].get(arm)
         if entry is None:
             continue
-        settings = ", ".join(f"{k}={v}" for k, v in entry["conv_lora"].items())
+        chosen = {**entry["conv_lora"], **entry.get("train", {})}
+        settings = ", ".join(f"{k}={v}" for k, v in chosen.items())
         if not settings and entry["method"] in ("lora", "conv_lora"):
             settings = "defaults"
         cells = [arm, f"{entry['method']} {settings}".strip()]

@@ -76,6 +76,7 @@ def train_fields(
     """``TrainConfig`` fields of one run: recipe, then the experiment's ``train``, then arm, seed and budget."""
     fields = recipe(domain).train_fields(real=real)
     fields.update(experiment.train)
+    fields.update(arm.train)
     fields.update(data=str(data), method=arm.method, seed=seed, max_steps=max_steps, overlay_samples=0)
     if max_steps is not None and not real:
         # a budget beyond the recipe's epochs needs more epochs: the step budget, not the epochs, ends the run
@@ -171,6 +172,11 @@ def _reported(record: dict[str, Any]) -> dict[str, Any]:
     return {**record["test_metrics"], **record.get("retention", {})}
 
 
+def _higher_is_better(metric: str) -> bool:
+    """A reported number's direction: retention (no task metric) is better higher."""
+    return metric.startswith("retention") or higher_is_better(metric)
+
+
 def zero_shot(fields: dict[str, Any], domain_dir: Path, domain: str) -> dict[str, Any]:
     """Test metrics of the untouched base model, once per domain and setting; cached like a run.
 
@@ -263,6 +269,7 @@ def summarize(
             stats[arm.name] = {
                 "method": arm.method,
                 "conv_lora": dict(arm.conv_lora),
+                "train": dict(arm.train),
                 "seeds": sorted(r["seed"] for r in chosen),
                 "metrics": {m: mean_std([_reported(r).get(m) for r in chosen]) for m in metrics},
                 "trainable_parameters": chosen[0]["trainable_parameters"],
@@ -279,7 +286,7 @@ def summarize(
                     continue
                 delta = a["mean"] - b["mean"]
                 se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
-                sign = 1 if higher_is_better(m) else -1
+                sign = 1 if _higher_is_better(m) else -1
                 if a["n"] < 2 or b["n"] < 2:
                     verdict = "single seed"
                 elif abs(delta) <= 2 * se:

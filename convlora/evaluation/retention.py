@@ -244,6 +244,42 @@ def keep_set_from_folder(
     return KeepSet(name or Path(path).name, description, len(samples), load)
 
 
+def keep_set_from_dataset(
+    dataset: SegmentationDataset,
+    name: str,
+    *,
+    max_images: int | None = None,
+    min_area: int = 10,
+    object_kind: str = "binary",
+) -> KeepSet:
+    """A keep set from a loaded dataset's labelled images (a run's validation split, for instance).
+
+    The objects are the connected components of its label maps (``object_kind="binary"``), or those of each
+    class (``"classes"``); ignored pixels (255) do not count.
+
+    Args:
+        dataset: the dataset; only its original images and label maps are read.
+        name: the set's name in tables (``"val"``).
+        max_images: keep only the first labelled images.
+        min_area: objects with fewer pixels (original resolution) are not prompted.
+        object_kind: ``"binary"`` or ``"classes"`` (see :func:`~convlora.data.prompts.find_objects`).
+
+    >>> keep = keep_set_from_dataset(run_data.val, "val", max_images=32)  # doctest: +SKIP
+    """
+    samples = [i for i, sample in enumerate(dataset.samples) if sample.mask is not None][:max_images]
+    if not samples:
+        raise ValueError(f"keep set {name!r}: the dataset has no labelled image")
+
+    def load(position: int) -> KeepImage:
+        labels = dataset.original_mask(samples[position])
+        found = find_objects(labels, object_kind, min_area=min_area, ignore_index=IGNORE_INDEX)
+        return KeepImage(dataset.original_image(samples[position]), found, labels != IGNORE_INDEX)
+
+    what = "class components" if object_kind == "classes" else "connected components"
+    description = f"{len(samples)} labelled images of the {name} data (objects: {what} of at least {min_area} px)"
+    return KeepSet(name, description, len(samples), load)
+
+
 # ------------------------------------------------------------------------------------------- the protocols
 
 

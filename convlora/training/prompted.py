@@ -6,9 +6,12 @@ three masks and only the best one is trained, the IoU head learns the real IoU o
 prompt encoder stays frozen by default, and optional correction rounds add a click from the error
 region with the previous logits as a mask prompt. Encoding images and decoding prompts live in
 :mod:`convlora.prompting`, prompted evaluation in :mod:`convlora.evaluation.prompted`.
+Joint training (:class:`JointStep`) mixes such steps into prompt-free training (``TrainConfig.joint_prompted``).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -208,6 +211,68 @@ class PromptedStep(nn.Module):
             "objects": torch.tensor(float(objects), device=device),
             "skipped": torch.tensor(float(skipped), device=device),
         }
+
+
+def joint_prompted_step(step: int, fraction: float, seed: int) -> bool:
+    """Whether optimiser step ``step`` (counted from 1) of a joint run is a prompted step.
+
+    The prompted steps are spread evenly, a ``fraction`` of them in every window (``round(n * fraction)``
+    of ``n`` steps, give or take one), at a phase drawn from ``seed``: the same seed gives the same steps,
+    also after a resume.
+
+    Args:
+        step: the optimiser step, from 1.
+        fraction: the share of prompted steps, in [0, 1].
+        seed: the run's seed.
+
+    >>> sum(joint_prompted_step(step, 0.25, seed=0) for step in range(1, 41))
+    10
+    """
+    if fraction <= 0:
+        return False
+    phase = float(np.random.default_rng([seed, 0x10147]).random())
+    return math.floor(step * fraction + phase) > math.floor((step - 1) * fraction + phase)
+
+
+class JointStep(nn.Module):
+    """Prompt-free steps with prompted steps mixed in (``TrainConfig.joint_prompted``): one model, two losses.
+
+    The engine says which kind each optimiser step is (:func:`joint_prompted_step`) through ``prompted``, so
+    that every process and every micro-batch of a step agree; under DDP both kinds go through the one
+    wrapped forward.
+
+    Args:
+        free: the prompt-free step (images and labels in, ``loss`` / ``task`` / ``aux`` out).
+        prompted: a :class:`PromptedStep` on the same model.
+
+    >>> from convlora.models import random_sam, tiny_sam_config
+    >>> class Free(nn.Module):
+    ...     def __init__(self, model):
+    ...         super().__init__()
+    ...         self.model = model
+    >>> model = random_sam(tiny_sam_config())
+    >>> JointStep(Free(model), PromptedStep(model, PromptConfig(kind="box"))).model is model
+    True
+    """
+
+    def __init__(self, free: nn.Module, prompted: PromptedStep) -> None:
+        super().__init__()
+        if free.model is not prompted.model:
+            raise ValueError("JointStep: the prompt-free and the prompted step must train the same model")
+        self.free = free
+        self.prompted = prompted
+
+    @property
+    def model(self) -> nn.Module:
+        """The model both steps train."""
+        return self.prompted.model
+
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor, prompted: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The losses of a prompted step when ``prompted``, else of a prompt-free one (``loss``, ``task``, ``aux``)."""
+        step = self.prompted if prompted else self.free
+        return step(pixel_values, labels)
 
 
 def _concat(prompt_sets: list[Prompts]) -> Prompts:

@@ -14,6 +14,8 @@ from torch import nn
 
 from .._io import atomic_file
 from ..artifact.methods import METHODS
+from ..instances.decoder import ids_from_logits
+from ..instances.model import has_instance_head, instance_logits
 from ..models import segmentation_logits
 from ..models.processing import logits_to_mask, overlay
 
@@ -32,8 +34,16 @@ def _figure_to_png(figure: Any, path: Path) -> None:
 
 
 def plot_curves(progress: dict[str, Any], path: str | Path) -> None:
-    """Training loss per logged step and validation metrics per evaluation, side by side, as a PNG."""
-    figure, (loss_ax, metric_ax) = _subplots(1, 2, figsize=(10, 3.6))
+    """Training loss per logged step and validation metrics per evaluation, side by side, as a PNG.
+
+    A run that measured retention gets a third panel: retention per evaluation (the mean and each protocol,
+    on the keep set and on the validation objects), the base's level (1) and the kept checkpoint
+    (``progress["selection"]``, see :func:`~convlora.training.retention_monitor.selection_record`).
+    """
+    history = progress.get("history", [])
+    kept_keys = [k for k in (history[0] if history else {}) if k.startswith("retention")]
+    figure, axes = _subplots(1, 3 if kept_keys else 2, figsize=(15 if kept_keys else 10, 3.6))
+    loss_ax, metric_ax = axes[0], axes[1]
     losses = progress.get("train_loss", [])
     if losses:
         steps = [entry["step"] for entry in losses]
@@ -41,7 +51,6 @@ def plot_curves(progress: dict[str, Any], path: str | Path) -> None:
         loss_ax.plot(steps, [entry["task"] for entry in losses], label="task", alpha=0.7)
         loss_ax.legend()
     loss_ax.set(xlabel="optimizer step", ylabel="loss", title="training loss")
-    history = progress.get("history", [])
     best = progress.get("best", {})
     main = best.get("metric")
     if history:
@@ -53,7 +62,7 @@ def plot_curves(progress: dict[str, Any], path: str | Path) -> None:
             for k in history[0]
             if k not in ("epoch", "step", main)
             and "/" not in k
-            and not k.startswith("ber_")
+            and not k.startswith(("ber_", "retention"))
             and all(abs(entry[k]) <= 1.0 for entry in history) == main_is_fraction
         ]
         names = [main, *others[:5]]
@@ -63,8 +72,29 @@ def plot_curves(progress: dict[str, Any], path: str | Path) -> None:
         metric_ax.legend(fontsize=7)
     value = best.get("value")
     shown = f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
-    metric_ax.set(xlabel="optimizer step", title=f"validation (best {main}: {shown})")
+    chosen = "best" if (progress.get("selection") or {}).get("rule", "best") == "best" else "kept"
+    metric_ax.set(xlabel="optimizer step", title=f"validation ({chosen} {main}: {shown})")
+    if kept_keys:
+        _plot_retention(axes[2], history, kept_keys, progress.get("selection") or {})
     _figure_to_png(figure, Path(path))
+
+
+def _plot_retention(axes: Any, history: list[dict[str, Any]], keys: list[str], selection: dict[str, Any]) -> None:
+    """Retention per evaluation: the means bold, each protocol thin; the base's level and the kept checkpoint."""
+    steps = [entry["step"] for entry in history]
+    for key in keys:
+        values = [entry.get(key, float("nan")) for entry in history]
+        mean = "/" not in key
+        axes.plot(steps, values, marker="o" if mean else None, label=key, linewidth=2.5 if mean else 0.8,
+                  linestyle="-" if mean else "--")  # fmt: skip
+    axes.axhline(1.0, color="grey", linewidth=0.8)
+    if selection.get("min_retention") is not None and selection["min_retention"] <= 2:  # else off the scale
+        bound = selection["min_retention"]
+        axes.axhline(bound, color="grey", linestyle=":", label=f"min_retention {bound:g}")
+    if selection.get("step") is not None:
+        axes.axvline(selection["step"], color="darkorange", linewidth=1.0, label=f"kept (epoch {selection['epoch']})")
+    axes.legend(fontsize=7)
+    axes.set(xlabel="optimizer step", title="retention (model / base prompted IoU)")
 
 
 @torch.no_grad()
@@ -76,6 +106,10 @@ def predict_masks(model: nn.Module, dataset: Any, indices: list[int]) -> list[np
     masks = []
     for index in indices:
         pixel_values = dataset[index]["pixel_values"].unsqueeze(0).to(device)
+        if has_instance_head(model):  # one colour per object, as the watershed splits them
+            logits = instance_logits(model, pixel_values).float().cpu()
+            masks.append(ids_from_logits(logits, dataset.resize_info(index)))
+            continue
         logits = dataset.postprocess(segmentation_logits(model, pixel_values).float().cpu(), index)
         masks.append(logits_to_mask(logits)[0].numpy())
     model.train(was_training)
@@ -149,8 +183,39 @@ def _front_matter(meta: dict[str, Any]) -> str:
     return "---\n" + "\n".join(lines) + "\n---\n\n"
 
 
+def _retention_section(retention: dict[str, float], selection: str | None) -> str:
+    """The model card's section on what the model kept of SAM's prompted skill, and why it was chosen."""
+    if not retention and not selection:
+        return ""
+    lines = ["", "## Retention of SAM's prompted skill", ""]
+    if retention:
+        lines += [
+            "Prompted mean per-object IoU of this model divided by the base model's (1: nothing forgotten), one box, "
+            "one point and three clicks per object:",
+            "",
+            "| keep set | mean | box | point | clicks |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for key, name in (("retention", "keep set"), ("retention_val", "validation objects")):
+            if key in retention:
+                protocols = (retention.get(f"{key}/{p}", float("nan")) for p in ("box", "point", "clicks"))
+                cells = [retention[key], *protocols]
+                lines.append(f"| {name} | " + " | ".join(f"{value:.4f}" for value in cells) + " |")
+        lines.append("")
+    if selection:
+        lines += [f"Kept: {selection}", ""]
+    return "\n".join(lines)
+
+
 def model_card(
-    task: Any, config: Any, scores: dict[str, float], *, domain: str | None = None, license: str | None = None
+    task: Any,
+    config: Any,
+    scores: dict[str, float],
+    *,
+    domain: str | None = None,
+    license: str | None = None,
+    retention: dict[str, float] | None = None,
+    selection: str | None = None,
 ) -> str:
     """The README.md written beside an exported model: Hub metadata header, what it is, its metrics, how to use it.
 
@@ -160,6 +225,9 @@ def model_card(
         scores: validation metrics of the exported model.
         domain: what the data shows, added to the Hub tags.
         license: the model's licence id (see :func:`card_metadata`).
+        retention: the model's retention at its evaluation (``retention``, ``retention/box`` ...,
+            ``retention_val`` ...), shown in a section of its own.
+        selection: why this evaluation's model was kept (the selection rule's reason).
 
     >>> from types import SimpleNamespace
     >>> from convlora.artifact import TaskInfo
@@ -169,6 +237,7 @@ def model_card(
     ['---', 'library_name: "peft"', 'license: "apache-2.0"']
     """
     metric_rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in scores.items())
+    kept = _retention_section(retention or {}, selection)
     classes = ", ".join(f"{i}: {name}" for i, name in enumerate(task.class_names))
     load = (
         "from convlora import load_trained\n"
@@ -201,7 +270,7 @@ def model_card(
 | metric | value |
 |---|---:|
 {metric_rows}
-
+{kept}
 ## Use
 
 ```python
