@@ -15,7 +15,9 @@ from convlora.tuner.fast_experts import (
     FoldedExperts,
     dense_mixture,
     fits_one_stack,
+    full_conv_weight,
     gathered_experts,
+    gathered_mixture,
     matrix_expert,
     matrix_stacks,
     merge_slots,
@@ -127,6 +129,7 @@ PATHS = {
     "folded": lambda *args: FoldedExperts()(*args),
     "dense": dense_mixture,
     "sparse": sparse_mixture,
+    "gathered_mixture": gathered_mixture,  # the path torch.compile takes (depthwise experts as full convs)
 }
 FULL_CONV_ONLY = {"stacked", "gathered"}
 # (batch, height, width): a 4-window batch of convlora-tiny's 8x8 windows, two images' 16x16 global grids (both
@@ -204,6 +207,14 @@ def test_the_path_table_reaches_every_dispatch_of_the_sparse_mixture():
     assert max(used) > fast_experts.GATHER_FROM + 1 and 1 in used  # a gathered chain and a chain of its own
 
 
+def test_a_depthwise_conv_is_the_full_conv_of_its_diagonal_weights():
+    weight, x = torch.randn(2, 3, 1, 3, 3), torch.randn(1, 3, 5, 5)
+    full = full_conv_weight(weight)
+    assert full.shape == (2, 3, 3, 3, 3) and full_conv_weight(full) is full
+    for e in range(2):
+        torch.testing.assert_close(F.conv2d(x, full[e], padding=1), F.conv2d(x, weight[e], padding=1, groups=3))
+
+
 @pytest.mark.parametrize("frozen", [False, True], ids=["autograd", "no_grad"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_expert_of_the_mixture_equals_the_reference_expert(case, frozen):
@@ -221,7 +232,7 @@ def test_each_expert_of_the_mixture_equals_the_reference_expert(case, frozen):
 # ------------------------------------------------------------------------- the mixture's own dispatch
 
 
-@pytest.mark.parametrize("routing", ["sparse", "dense"])
+@pytest.mark.parametrize("routing", ["sparse", "dense", "gathered"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_gives_the_reference_outputs_aux_loss_counts_and_gradients(case, train, routing):
@@ -334,9 +345,11 @@ def test_routing_spreads_samples_so_the_comparisons_cover_several_experts():
 def test_auto_routing_is_sparse_in_eager_cpu_runs_and_dense_when_set():
     moe = mixture({}, "auto")
     z = torch.randn(2, 4, 4, 3)
-    assert not moe.uses_dense_routing(z)
+    assert not moe.uses_dense_routing(z) and moe.dispatch(z) == "sparse"
     moe.routing = "dense"
     assert moe.uses_dense_routing(z)
+    moe.routing = "gathered"
+    assert moe.uses_dense_routing(z) and moe.dispatch(z) == "gathered"
     with pytest.raises(ValueError, match="routing must be one of"):
         set_routing(moe, "fast")
 

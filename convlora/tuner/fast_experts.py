@@ -12,12 +12,18 @@ position per output pixel, for large even scales four per axis).
 - :func:`gathered_experts`: each row of a batch through its own expert, every matrix gathered per row.
 - :class:`FoldedExperts`: frozen experts on small grids, conv weights folded into the resize once per grid.
 
-Two mixtures (routing plus combine) are built from them:
+Three mixtures (routing plus combine) are built from them:
 
 - :func:`dense_mixture`: every expert on every sample, a per-sample weight (zero unless chosen) selects:
   static shapes, no host sync, traceable by ``torch.compile`` and the ONNX exporter;
+- :func:`gathered_mixture`: each (sample, slot) row through its own expert in one padded chain: static shapes,
+  no host sync and ``top_k`` experts per sample, the path ``torch.compile`` takes;
 - :func:`sparse_mixture`: each expert on the samples routed to it: least arithmetic, but data-dependent shapes
   and, on an accelerator, a host sync.
+
+The two static-shape mixtures are single calls in Dynamo's graph (``tracing.captured_as_one_call``): AOT autograd
+records their tensor operations, running their plain-Python plans as Python, and keeps the resize matrices as
+constants, so ``torch.compile`` captures a mixture in about the time of its tensor operations.
 
 The functions take the mixture's stacked weights ``(e, r, r / groups, 3, 3)`` and biases ``(e, r)``; a depthwise
 conv is recognised from the weight's shape. ``combine`` is ``None`` for an unweighted combine (every factor 1).
@@ -34,6 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .resize_matrices import axis_plan, padded_stack, resize_matrices
+from .tracing import captured_as_one_call
 
 # The sparse dispatch runs a stack's used experts as one gathered chain when there are more than this many
 # (with autograd; one more without it, where no backward pass shares the saving), else a chain each:
@@ -196,6 +203,7 @@ def merge_slots(y: torch.Tensor, combine: torch.Tensor | None, top_k: int) -> to
     return y
 
 
+@captured_as_one_call
 def dense_mixture(
     z: torch.Tensor,
     weight: torch.Tensor,
@@ -240,6 +248,61 @@ def dense_mixture(
             y = stacked_experts(features, weight[experts], bias[experts], stack, mode)  # (b, e, r, h, w)
             out = out + torch.einsum("berhw,be->brhw", y, per_expert[:, experts].to(y.dtype))
     return rearrange(out, "b r h w -> b h w r")
+
+
+def full_conv_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Stacked conv weights ``(e, o, c / groups, 3, 3)`` as full ones ``(e, o, c, 3, 3)``.
+
+    A depthwise conv is a full conv whose channel mixing is diagonal; full weights come back as they are.
+
+    >>> full_conv_weight(torch.ones(2, 3, 1, 3, 3))[0, :, :, 1, 1].tolist()
+    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    if weight.shape[2] == weight.shape[1]:
+        return weight
+    full = torch.diag_embed(rearrange(weight[:, :, 0], "e o a b -> e a b o"))  # (e, 3, 3, o, o)
+    return rearrange(full, "e a b o c -> e o c a b")
+
+
+@captured_as_one_call
+def gathered_mixture(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    scales: tuple[float, ...],
+    mode: str,
+    top_indices: torch.Tensor,
+    combine: torch.Tensor | None,
+) -> torch.Tensor:
+    """Each (sample, slot) row of ``z`` ``(b, h, w, r)`` through its own expert; returns ``(b, h, w, r)``.
+
+    One chain of batched products for every expert (:func:`gathered_experts`: each row reads its expert's
+    matrices, zero-padded to the largest expert's), with static shapes and no host sync: the path
+    ``torch.compile`` takes. It runs ``top_k`` experts per sample, not all of them as :func:`dense_mixture` does:
+    on small grids the sparse dispatch's own chain; on large ones each row pays for the largest expert's
+    positions, where the sparse dispatch groups rows by matrix shape. One short program to capture whatever
+    the number of experts. Depthwise experts run as full convs with diagonal channel mixing
+    (:func:`full_conv_weight`).
+
+    Args:
+        z: the bottleneck grid, channels last.
+        weight: every expert's conv weights ``(e, r, r / groups, 3, 3)``.
+        bias: every expert's conv biases ``(e, r)``.
+        scales: every expert's resize factor.
+        mode: the interpolation mode.
+        top_indices: the chosen experts ``(b, k)``.
+        combine: each chosen expert's factor ``(b, k)``, or ``None`` for 1.
+
+    >>> weight, bias = torch.randn(2, 3, 3, 3, 3), torch.zeros(2, 3)
+    >>> z, chosen = torch.randn(2, 4, 4, 3), torch.tensor([[1], [0]])
+    >>> gathered_mixture(z, weight, bias, (1.0, 2.0), "bicubic", chosen, None).shape
+    torch.Size([2, 4, 4, 3])
+    """
+    top_k = top_indices.shape[1]
+    rows = z if top_k == 1 else z.repeat_interleave(top_k, dim=0)  # (b k, h, w, r), in batch order
+    features = rearrange(rows, "n h w r -> n r h w")
+    y = gathered_experts(features, full_conv_weight(weight), bias, scales, mode, top_indices.flatten())
+    return rearrange(merge_slots(y, combine, top_k), "b r h w -> b h w r")
 
 
 def sparse_mixture(
@@ -410,10 +473,7 @@ class FoldedExperts:
             down_h = torch.tensor(rows_down, **options)  # (e, h, p)
             down_w = torch.tensor(cols_down, **options)  # (e, w, q)
             q = up_w.shape[1]
-            full = weight[list(experts)].to(**options)  # (e, o, c / groups, 3, 3)
-            if full.shape[2] < full.shape[1]:  # a depthwise conv is a full conv whose channel mixing is diagonal
-                full = torch.diag_embed(rearrange(full[:, :, 0], "e o a b -> e a b o"))
-                full = rearrange(full, "e a b o c -> e o c a b")
+            full = full_conv_weight(weight[list(experts)].to(**options))  # (e, o, c, 3, 3)
             fold = torch.einsum("eocab,eqbw->ewcaoq", full, rearrange(up_w, "e q (b w) -> e q b w", b=3))
             up = rearrange(up_h, "e p (a h) -> e p (h a)", a=3)
             bias_rows = bias[list(experts)].to(**options)[:, :, None].expand(-1, -1, q)  # (e, o, q)

@@ -10,9 +10,11 @@ the module after every training forward (``aux_loss``) and collected by :func:`m
 This file is the reference: :meth:`ConvExpertMixture.forward_reference` is the whole mixture in plain torch.
 ``forward`` gives the same outputs and gradients through the fast paths of ``fast_experts.py`` (tested equal
 to this reference): ``"dense"`` routing runs every expert on every sample and keeps each sample's chosen ones
-(static shapes, traceable), ``"sparse"`` runs each expert on its own samples only (least arithmetic, a host
-sync), and frozen experts on small grids run folded. ``"auto"`` (the default) is dense while tracing or
-compiling and on accelerators, sparse in eager CPU runs (see ``docs/guides/deploy.md``).
+(static shapes, traceable), ``"gathered"`` runs each sample through its own experts in one padded chain
+(static shapes, traceable, ``top_k`` experts per sample), ``"sparse"`` runs each expert on its own samples
+only (least arithmetic, a host sync), and frozen experts on small grids run folded. ``"auto"`` (the default)
+is gathered under ``torch.compile``, dense while exporting and on accelerators, sparse in eager CPU runs (see
+``docs/guides/deploy.md``).
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .fast_experts import FoldedExperts, dense_mixture, matrix_expert, sparse_mixture
+from .fast_experts import FoldedExperts, dense_mixture, gathered_mixture, matrix_expert, sparse_mixture
 from .resize_matrices import INTERPOLATION_MODES, axis_plan, resize_taps
-from .tracing import is_exporting, is_tracing
+from .tracing import is_compiling_only, is_exporting, is_tracing
 
 __all__ = [
     "INTERPOLATION_MODES",
@@ -45,7 +47,7 @@ __all__ = [
     "top_k_lowest_first",
 ]
 
-ROUTING_MODES = ("auto", "sparse", "dense")
+ROUTING_MODES = ("auto", "sparse", "dense", "gathered")
 # Added to the learned noise scale so that the gate keeps exploring while its noise weights are zero.
 NOISE_EPSILON = 1e-2
 
@@ -192,9 +194,9 @@ class ConvExpertMixture(nn.Module):
             as in the paper's code, and the gate learns from the auxiliary loss alone.
         noisy_gating: add learned Gaussian noise to the gate logits in training.
         aux_loss_weight: weight of the load-balancing loss stored in ``aux_loss``.
-        routing: ``"sparse"``, ``"dense"`` or ``"auto"`` (dense when traced, compiled or on an
-            accelerator); both give the same outputs and gradients. Also settable later (``routing``
-            attribute, or :func:`set_routing` on a whole model).
+        routing: ``"sparse"``, ``"dense"``, ``"gathered"`` or ``"auto"`` (gathered under ``torch.compile``,
+            dense when exported or on an accelerator, else sparse); all give the same outputs and gradients.
+            Also settable later (``routing`` attribute, or :func:`set_routing` on a whole model).
 
     >>> moe = ConvExpertMixture(channels=4, scales=[1, 2, 3])
     >>> moe(torch.randn(2, 5, 7, 4)).shape
@@ -227,6 +229,9 @@ class ConvExpertMixture(nn.Module):
         self.routing = routing
         self.channels = channels
         self.scales = [float(s) for s in scales]
+        # the same numbers as exact integer ratios: torch.compile keeps a module's ints static, where its floats may
+        # become symbolic (dynamic=True), which the experts' resize plans cannot take
+        self._scale_ratios = tuple(s.as_integer_ratio() for s in self.scales)
         self.top_k = top_k
         self.groups = channels if depthwise else 1
         self.interpolation = interpolation
@@ -362,9 +367,13 @@ class ConvExpertMixture(nn.Module):
                 f"ConvExpertMixture expects a channels-last grid (b, h, w, {self.channels}), got {tuple(z.shape)}"
             )
         top_indices, combine, aux = self.route(z)  # (b, k): each sample's experts and their factors
-        scales, weight, bias = tuple(self.scales), self.expert_weight, self.expert_bias
-        if self.uses_dense_routing(z):
+        scales = tuple(n / d for n, d in self._scale_ratios)  # == self.scales, exactly
+        weight, bias = self.expert_weight, self.expert_bias
+        dispatch = self.dispatch(z)
+        if dispatch == "dense":
             mixture = dense_mixture
+        elif dispatch == "gathered":
+            mixture = gathered_mixture
         elif FoldedExperts.applies(z, weight, bias, scales, self.interpolation):
             mixture = self._folded
         else:
@@ -387,15 +396,29 @@ class ConvExpertMixture(nn.Module):
             z, self.expert_weight[index], self.expert_bias[index], self.scales[index], self.interpolation
         )
 
-    def uses_dense_routing(self, z: torch.Tensor) -> bool:
-        """Whether this forward dispatches densely (``routing``, or for ``"auto"`` tracing and the device).
+    def dispatch(self, z: torch.Tensor) -> str:
+        """The path this forward takes: ``routing``, or for ``"auto"`` the capture mode and the device.
+
+        ``torch.compile`` gets the gathered path (static shapes, ``top_k`` experts per sample, one chain to
+        capture); exports and accelerators the dense one (every expert stacked: the graph the ONNX tests pin);
+        eager CPU runs the sparse one (frozen experts on small grids run folded there).
 
         Args:
             z: the forward's input.
         """
         if self.routing != "auto":
-            return self.routing == "dense"
-        return is_tracing() or z.device.type != "cpu"
+            return self.routing
+        if is_compiling_only():
+            return "gathered"
+        return "dense" if is_tracing() or z.device.type != "cpu" else "sparse"
+
+    def uses_dense_routing(self, z: torch.Tensor) -> bool:
+        """Whether this forward runs with static shapes and no host sync (:meth:`dispatch` not ``"sparse"``).
+
+        Args:
+            z: the forward's input.
+        """
+        return self.dispatch(z) != "sparse"
 
     def _remember(self, aux: torch.Tensor, top_indices: torch.Tensor) -> None:
         """Keep the forward's auxiliary loss and chosen experts (counted on the first read of the counts)."""
@@ -438,7 +461,7 @@ def set_routing(model: nn.Module, routing: str) -> int:
 
     Args:
         model: any module (a ``PeftModel``, a merged ``SamModel``).
-        routing: ``"sparse"``, ``"dense"`` or ``"auto"``.
+        routing: ``"sparse"``, ``"dense"``, ``"gathered"`` or ``"auto"``.
 
     >>> set_routing(ConvExpertMixture(channels=2, scales=[1, 2]), "dense")
     1
