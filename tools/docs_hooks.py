@@ -529,6 +529,19 @@ def benchmarks_markdown(results_dir: Path = RESULTS_DIR, plots: set[str] | None 
     return "\n".join(out)
 
 
+def quality_table_markdown(name: str, results_dir: Path = RESULTS_DIR) -> str:
+    """The by-domain table of the committed quality result ``name`` (main metric per arm), as the README shows it."""
+    report = _project_report()
+    path = Path(results_dir) / f"{name}.json"
+    if report is None or not path.is_file():
+        return f"*(no committed result `benchmarks/results/{name}.json` yet)*"
+    from convlora.bench.markdown import _by_domain_table
+
+    result = json.loads(path.read_text())
+    arms = [a["name"] for a in result["config"]["arms"]]
+    return "\n".join(_by_domain_table(result["summary"], arms, result["summary"][0]["baseline"]))
+
+
 def _generic_result(path: Path) -> list[str]:
     try:
         data = json.loads(path.read_text())
@@ -564,6 +577,7 @@ GENERATORS = {
     "domains": lambda arg: domains_markdown(),
     "embedded-model": lambda arg: embedded_model_markdown(),
     "benchmarks": lambda arg: benchmarks_markdown(RESULTS_DIR, _plots),
+    "quality-table": lambda arg: quality_table_markdown(arg),
 }
 
 

@@ -122,8 +122,8 @@ class QualityExperiment:
         instances = [d for d in unknown if d in DOMAINS and DOMAINS[d].mode == "instances"]
         if instances:
             raise ValueError(
-                f"{self.name}: the {instances[0]} domain holds instance masks; instance training (--mode instances) "
-                "is not available yet"
+                f"{self.name}: the {instances[0]} domain holds instance masks and has no recipe; train it with "
+                "--mode instances (examples/nuclei.py)"
             )
         if unknown:
             raise ValueError(f"{self.name}: unknown domains {unknown}; choose from {sorted(RECIPES)}")

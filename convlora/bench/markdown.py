@@ -178,7 +178,8 @@ def cost_markdown(result: dict[str, Any]) -> str:
     ]
     for method, row in rows.items():
         lines.append(
-            f"| {method} | {fmt_count(row['trainable_parameters'])} | {fmt_count(row.get('adapter_parameters'))} | "
+            f"| {method} | {fmt_count(row['trainable_parameters'])} | "
+            f"{fmt_count(row.get('adapter_parameters') or None)} | "
             f"{fmt_bytes(row['artifact_bytes'])} | "
             f"{fmt_seconds(row['step_seconds'])} | {fmt_bytes(row['peak_memory_bytes'])} | "
             f"{fmt_seconds(row.get('merged_latency_seconds'))} |"
@@ -187,7 +188,11 @@ def cost_markdown(result: dict[str, Any]) -> str:
     if ratios:
         lines += ["", "Ratios to LoRA:", "", COST_HEADER, "|---|---:|---:|---:|---:|---:|---:|"]
         for method, row in ratios.items():
-            cells = [fmt_ratio(row.get(k)) for k in (*TRAIN_KEYS, "merged_latency_seconds")]
+            # methods without LoRA tensors (LoHa, (IA)3, ...) have no LoRA column, not a ratio of zero
+            cells = [
+                "–" if k == "adapter_parameters" and not rows[method].get(k) else fmt_ratio(row.get(k))
+                for k in (*TRAIN_KEYS, "merged_latency_seconds")
+            ]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     latency = result.get("latency")
     if latency:

@@ -240,7 +240,7 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
         "batch_size": int(spec["batch_size"]),
         "trainable_parameters": count_parameters(model, trainable_only=True),
         # the LoRA / Conv-LoRA tensors alone, without the mask decoder that both methods also train
-        "adapter_parameters": sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        "adapter_parameters": sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) or None
         if METHODS[method].uses_adapter
         else None,
         "total_parameters": count_parameters(model),
