@@ -426,6 +426,38 @@ def _inference_model(spec: dict[str, Any], device: torch.device) -> tuple[nn.Mod
     return model.to(device).eval(), size
 
 
+def _prediction_start(spec: dict[str, Any]) -> dict[str, Any]:
+    """Device, precision, memory baselines and the model of a prediction measurement, in that order."""
+    device = pick_device(spec.get("device", "auto"))
+    dtype = pick_dtype(spec.get("precision", "auto"), device)
+    baseline, baseline_code = _rss_bytes("VmRSS"), _rss_bytes("RssFile")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    load_before = load_average()
+    model, size = _inference_model(spec, device)
+    return {"device": device, "dtype": dtype, "baseline": baseline, "baseline_code": baseline_code,
+            "load_before": load_before, "model": model, "size": size}  # fmt: skip
+
+
+def _prediction_record(start: dict[str, Any], spec: dict[str, Any], **values: Any) -> dict[str, Any]:
+    """The result of a prediction measurement: ``values`` plus peak memory, machine settings and load."""
+    device = start["device"]
+    peak, source = _peak_since(start["baseline"], start["baseline_code"], device)
+    return {
+        "task": values.pop("task"),
+        "method": spec["method"],
+        "image_size": start["size"],
+        **values,
+        "peak_memory_bytes": peak,
+        "memory_source": source,
+        "device": device.type,
+        "dtype": str(start["dtype"]).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "load_before": start["load_before"],
+        "load_after": load_average(),
+    }
+
+
 def _timed(run: Any, device: torch.device, warmup: int, runs: int) -> list[float]:
     times = []
     for index in range(warmup + runs):
@@ -447,13 +479,8 @@ def measure_inference(spec: dict[str, Any]) -> dict[str, Any]:
     """
     from ..models import segmentation_logits
 
-    device = pick_device(spec.get("device", "auto"))
-    dtype = pick_dtype(spec.get("precision", "auto"), device)
-    baseline, baseline_code = _rss_bytes("VmRSS"), _rss_bytes("RssFile")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    load_before = load_average()
-    model, size = _inference_model(spec, device)
+    start = _prediction_start(spec)
+    device, dtype, model, size = start["device"], start["dtype"], start["model"], start["size"]
     batch = int(spec["batch_size"])
     pixels, _ = _inputs(batch, size, device)
 
@@ -462,22 +489,8 @@ def measure_inference(spec: dict[str, Any]) -> dict[str, Any]:
             segmentation_logits(model, pixels)
 
     times = _timed(forward, device, int(spec["latency_warmup"]), int(spec["latency_runs"]))
-    peak, source = _peak_since(baseline, baseline_code, device)
-    return {
-        "task": "inference",
-        "method": spec["method"],
-        "image_size": size,
-        "batch_size": batch,
-        "seconds_per_image": statistics.median(times) / batch,
-        "seconds_all": times,
-        "peak_memory_bytes": peak,
-        "memory_source": source,
-        "device": device.type,
-        "dtype": str(dtype).replace("torch.", ""),
-        "threads": torch.get_num_threads(),
-        "load_before": load_before,
-        "load_after": load_average(),
-    }
+    return _prediction_record(start, spec, task="inference", batch_size=batch,
+                              seconds_per_image=statistics.median(times) / batch, seconds_all=times)  # fmt: skip
 
 
 def measure_prompted(spec: dict[str, Any]) -> dict[str, Any]:
@@ -492,13 +505,8 @@ def measure_prompted(spec: dict[str, Any]) -> dict[str, Any]:
     """
     from ..prompting import decode_prompts, encode_images
 
-    device = pick_device(spec.get("device", "auto"))
-    dtype = pick_dtype(spec.get("precision", "auto"), device)
-    baseline, baseline_code = _rss_bytes("VmRSS"), _rss_bytes("RssFile")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    load_before = load_average()
-    model, size = _inference_model(spec, device)
+    start = _prediction_start(spec)
+    device, dtype, model, size = start["device"], start["dtype"], start["model"], start["size"]
     pixels, _ = _inputs(1, size, device)
     count = int(spec["prompts"])
     generator = torch.Generator().manual_seed(0)
@@ -522,25 +530,10 @@ def measure_prompted(spec: dict[str, Any]) -> dict[str, Any]:
     warmup, runs = int(spec["latency_warmup"]), int(spec["latency_runs"])
     encode_times = _timed(encode, device, warmup, runs)
     decode_times = _timed(decode, device, warmup, runs)
-    peak, source = _peak_since(baseline, baseline_code, device)
     encoder, decoder = statistics.median(encode_times), statistics.median(decode_times)
-    return {
-        "task": "prompted",
-        "method": spec["method"],
-        "image_size": size,
-        "prompts": count,
-        "encoder_seconds": encoder,
-        "decoder_seconds": decoder,
-        "seconds_per_image": encoder + decoder,
-        "decoder_seconds_per_prompt": decoder / count,
-        "peak_memory_bytes": peak,
-        "memory_source": source,
-        "device": device.type,
-        "dtype": str(dtype).replace("torch.", ""),
-        "threads": torch.get_num_threads(),
-        "load_before": load_before,
-        "load_after": load_average(),
-    }
+    return _prediction_record(start, spec, task="prompted", prompts=count, encoder_seconds=encoder,
+                              decoder_seconds=decoder, seconds_per_image=encoder + decoder,
+                              decoder_seconds_per_prompt=decoder / count)  # fmt: skip
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
