@@ -325,8 +325,9 @@ def _add_instance_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     """``--instances`` and the automatic mask generation settings (predict and evaluate take the same)."""
     parser.add_argument(
         "--instances", choices=["auto", "amg", "ais", "apg"], default=None,
-        help=f"{what}; amg = automatic mask generation from a grid of point prompts (any model); auto = the model's "
-        "trained instance decoder where it has one, else amg",
+        help=f"{what}; amg = automatic mask generation from a grid of point prompts (any model); ais = the trained "
+        "instance decoder and its watershed, apg = its objects refined by SAM's prompted decoder (models trained "
+        "with --mode instances); auto = ais where the model has an instance decoder, else amg. Takes --tile",
     )  # fmt: skip
     amg = parser.add_argument_group("automatic mask generation (--instances amg), under SAM's names")
     for name, (kind, default, text) in AMG_OPTIONS.items():

@@ -6,10 +6,12 @@ sample, selected by a per-sample weight), which has no data-dependent shapes and
 static graph. Every graph is traced with the TorchScript-based exporter at batch 2, with a dynamic batch,
 and checked in onnxruntime at batch 2 and 1. Files and a description go to the output folder:
 
-- ``model.onnx`` (every exportable family: SAM, SAM-HQ, SAM 2, SAM 3; binary and multi-class):
+- ``model.onnx`` (every exportable family: SAM, SAM-HQ, SAM 2, SAM 3; binary, multi-class and instances):
   ``pixel_values`` ``(batch, 3, S, S)`` float32, exactly what :func:`convlora.models.processing.preprocess`
   produces with the family's input format, to ``logits`` ``(batch, k, m, m)`` (``k = 1`` for binary tasks,
-  one map per class otherwise; ``m`` is four times the encoder's final grid, ``S / 4`` for SAM and SAM 2);
+  one map per class for multi-class ones, the instance decoder's foreground, centre and boundary maps for
+  instance ones, whose watershed stays outside the graph; ``m`` is four times the encoder's final grid,
+  ``S / 4`` for SAM and SAM 2);
 - ``image_encoder.onnx``: ``pixel_values`` to the image features the prompt decoder needs, run once per
   image: ``image_embeddings`` ``(batch, c, g, g)``; SAM-HQ adds ``intermediate_embeddings``
   ``(batch, g, g, d)`` (the first global-attention block's output, which the HQ decoder fuses in); SAM 2
@@ -21,8 +23,8 @@ and checked in onnxruntime at batch 2 and 1. Files and a description go to the o
   ``(batch, 1)`` (SAM 2 and SAM 3 add ``object_score_logits`` ``(batch, 1)``), as segment-anything deploys
   its decoder: label 1 a foreground point, 0 a background point, 2 and 3 a box's top-left and bottom-right
   corners, -1 a padding point. SAM and SAM-HQ need one padding point ``(0, 0)`` at the end when there is no
-  box; SAM 2 and SAM 3 always end with one, after a box too (:data:`PADDING`). Binary tasks and base
-  models only: a multi-class decoder has no prompt input;
+  box; SAM 2 and SAM 3 always end with one, after a box too (:data:`PADDING`). Binary and instance tasks and
+  base models only: a multi-class decoder has no prompt input;
 - ``deploy.json``: the files written and every input and output (name, shape, dtype), the files not written
   and why, input size, normalisation, classes and how to post-process the logits.
 
@@ -47,6 +49,7 @@ from torch import nn
 
 from ._io import atomic_dir, check_apart, check_owned, write_json
 from .artifact import TaskInfo, load_trained
+from .instances.model import instance_logits
 from .models import family_of, find_sam, segmentation_logits
 from .tuner.moe import set_routing
 
@@ -76,7 +79,8 @@ PADDING = {
 }
 TENSORS = {
     "pixel_values": "normalised images at the input size (see preprocess)",
-    "logits": "prompt-free mask logits, one map per class (k = 1 for binary tasks)",
+    "logits": "prompt-free mask logits, one map per class (k = 1 for binary tasks; instance models: foreground, "
+    "centre and boundary logits)",
     "image_embeddings": "the image encoder's output after its neck (SAM 2 / SAM 3: the coarsest pyramid level)",
     "intermediate_embeddings": "SAM-HQ: output of the first global-attention ViT block, channels last",
     "high_resolution_features_0": "SAM 2 / SAM 3: the finest pyramid level (stride 4), after the decoder's conv_s0",
@@ -107,6 +111,18 @@ class PromptFreeModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The logits :func:`convlora.models.segmentation_logits` gives."""
         return segmentation_logits(self.model, pixel_values)
+
+
+class InstanceMapsModel(PromptFreeModel):
+    """``pixel_values`` ``(b, 3, S, S)`` to the instance decoder's logits ``(b, 3, m, m)`` (an instance model).
+
+    The watershed that turns the maps into ids (:func:`convlora.instances.ids_from_logits`) is not part of the
+    graph: it is a flooding algorithm on the CPU, not a tensor program.
+    """
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Foreground, centre and boundary logits, as :func:`convlora.instances.instance_logits` gives them."""
+        return instance_logits(self.model, pixel_values)
 
 
 class ImageEncoder(nn.Module):
@@ -470,14 +486,18 @@ def _preprocess_steps(size: int, pad_to_square: bool) -> list[str]:
     return [*steps, "channels first: (3, S, S); stack images into a batch"]
 
 
-def _postprocess_steps(size: int, pad_to_square: bool) -> list[str]:
+def _postprocess_steps(size: int, pad_to_square: bool, mode: str = "binary") -> list[str]:
     steps = [f"upsample the logits bilinearly (align_corners=False) to {size} x {size}"]
     if pad_to_square:
         steps.append("crop the padding: keep the top-left resized_size (the image after the longest-side resize)")
-    steps += [
-        "resize bilinearly to the original (h, w)",
-        "binary: foreground where logit > 0; multi-class: argmax over the class axis",
-    ]
+    steps.append("resize bilinearly to the original (h, w)")
+    if mode == "instances":
+        steps.append(
+            "sigmoid, then the seeded watershed of convlora.instances.ids_from_maps(foreground, centre, boundary) "
+            "with the task's instance_head settings: one id per object"
+        )
+    else:
+        steps.append("binary: foreground where logit > 0; multi-class: argmax over the class axis")
     return steps
 
 
@@ -513,6 +533,7 @@ def deploy_description(
         "mode": task.mode,
         "num_classes": task.num_classes,
         "class_names": list(task.class_names),
+        "instance_head": task.instance_head,
         "files": files,
         "io": io or {},
         "not_exported": not_exported or {},
@@ -533,7 +554,7 @@ def deploy_description(
         "postprocess": {
             "output_name": "logits",
             "shape": ["batch", task.out_channels, "m", "m"],
-            "steps": _postprocess_steps(size, pad),
+            "steps": _postprocess_steps(size, pad, task.mode),
             "same_as": "convlora.models.processing.postprocess_masks",
         },
         "prompt_decoder": {
@@ -562,7 +583,7 @@ def export_model(
         model: the trained model (adapter ``PeftModel``, merged or plain model of an exportable family).
         task: what it segments (``TaskInfo``; its ``image_size`` must be the model's input size).
         output_dir: the output folder (replaced atomically).
-        prompted: also write the image encoder and prompt decoder (binary tasks only).
+        prompted: also write the image encoder and prompt decoder (not for multi-class tasks).
         opset: ONNX opset (17 or later).
         check: run every file in onnxruntime on a random batch of two and on its first image alone, and
             record the largest difference from PyTorch in ``deploy.json`` (needs ``onnxruntime``:
@@ -596,9 +617,10 @@ def export_model(
             "resize the model (convlora.models.resize_model) or fix the task"
         )
     pixels = torch.randn(TRACE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
+    prompt_free = InstanceMapsModel if task.mode == "instances" else PromptFreeModel
     graphs = {
         "model": _Graph(
-            PromptFreeModel(model),
+            prompt_free(model),
             {"pixel_values": pixels},
             ("logits",),
             {"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
@@ -607,8 +629,8 @@ def export_model(
     skipped = None
     if not prompted:
         skipped = "prompted=False (--no-prompted): the prompt-free model.onnx only"
-    elif task.mode != "binary":
-        skipped = f"a {task.mode} model's class-query decoder has no prompt input (binary tasks only)"
+    elif task.mode == "multiclass":
+        skipped = "a multiclass model's class-query decoder has no prompt input (binary and instance tasks only)"
     elif family.export_split not in SPLITS:
         skipped = f"family {family.name!r} has no SAM-style encoder / prompt decoder split"
     else:
@@ -647,7 +669,7 @@ def export_onnx(
         output_dir: where ``model.onnx``, ``image_encoder.onnx``, ``prompt_decoder.onnx`` and
             ``deploy.json`` go (replaced atomically).
         base_model: checkpoint to put the adapter on, if not the one recorded at training time.
-        prompted: also write the SAM-style image encoder and prompt decoder (binary tasks only).
+        prompted: also write the SAM-style image encoder and prompt decoder (not for multi-class tasks).
         opset: ONNX opset, 17 or later.
         check: compare every file with PyTorch in onnxruntime and record the differences.
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from ._io import atomic_dir, atomic_file, check_apart, check_owned, owned_folder, write_json
 from .artifact import TASK_FILE, TaskInfo, export_trained, load_trained, write_task_file
+from .artifact.folder import write_weights
 from .artifact.methods import METHODS
 from .artifact.strength import set_strength
 from .data import ImageReading, SegmentationDataset, check_dataset, read_image, read_image_size, to_rgb8
@@ -42,7 +43,11 @@ from .evaluation.instances import InstanceMetrics
 from .evaluation.metrics import build_metrics
 from .evaluation.prompted import evaluate_prompted
 from .instances import AmgConfig, GeneratedMasks, generate_masks
+from .instances.ais import ais_from_logits, instance_map_logits, objects_from_ids
+from .instances.apg import apg
 from .instances.files import coco_annotations, save_id_map
+from .instances.model import InstanceSettings, has_instance_head, instance_logits
+from .instances.tiles import stitch_instances, tile_starts
 from .models import family_of, load_sam, segmentation_logits
 from .models.adapter_check import ADAPTER_CONFIG
 from .models.merged_io import merged_extra_parameters, write_merged
@@ -155,15 +160,21 @@ class Segmenter:
             pixels = [self._pixels(image) for image in images[start : start + batch_size]]
             batch, infos = preprocess_batch(pixels, self.task.image_size, self.input_format)
             with torch.no_grad():
-                logits = segmentation_logits(self.model, batch.to(self.device)).float().cpu()  # (b, k, m, m)
+                logits = self._prompt_free(batch.to(self.device)).float().cpu()  # (b, k, m, m)
             for i, info in enumerate(infos):
                 yield postprocess_masks(logits[i : i + 1], info)[0]
 
     @torch.no_grad()
     def _whole_logits(self, pixels: np.ndarray) -> torch.Tensor:
         pixel_values, info = preprocess(pixels, self.task.image_size, self.input_format)
-        logits = segmentation_logits(self.model, pixel_values.unsqueeze(0).to(self.device))
+        logits = self._prompt_free(pixel_values.unsqueeze(0).to(self.device))
         return postprocess_masks(logits.float().cpu(), info)[0]
+
+    def _prompt_free(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Prompt-free logits ``(b, k, m, m)``; an instance model gives its decoder's foreground logit (``k = 1``)."""
+        if self.task.mode == "instances":
+            return instance_logits(self.model, pixel_values)[:, :1]
+        return segmentation_logits(self.model, pixel_values)
 
     @torch.no_grad()
     def predict_logits(
@@ -215,24 +226,69 @@ class Segmenter:
         return predict_prompts(self.model, pixel_values.to(self.device), info, prompts, multimask=multimask)
 
     def predict_instances(
-        self, image: ImageInput, method: str = "auto", config: AmgConfig | None = None
+        self,
+        image: ImageInput,
+        method: str = "auto",
+        config: AmgConfig | None = None,
+        *,
+        tile: int | None = None,
+        overlap: int = 0,
     ) -> tuple[np.ndarray, GeneratedMasks]:
         """One mask per object: an id map ``(h, w)`` (int32, 0 = background) and the objects with their scores.
 
         Args:
             image: a path, a uint8 ``(h, w, 3)`` RGB array, or what :meth:`predict` takes for one image.
             method: ``"amg"`` (automatic mask generation: a grid of point prompts, see
-                :mod:`convlora.instances.amg`) or ``"auto"`` (the model's trained instance decoder where it has
-                one, else ``"amg"``). ``"ais"`` / ``"apg"`` need a trained instance decoder.
-            config: AMG settings (SAM's names); SAM's defaults when ``None``.
+                :mod:`convlora.instances.amg`; any model), ``"ais"`` (the trained instance decoder and its
+                watershed, :mod:`convlora.instances.ais`), ``"apg"`` (each of those objects refined by SAM's
+                prompted decoder, :mod:`convlora.instances.apg`), or ``"auto"`` (``"ais"`` where the model has an
+                instance decoder, else ``"amg"``). ``"ais"`` / ``"apg"`` need a model trained with
+                ``--mode instances``.
+            config: AMG settings (SAM's names); SAM's defaults when ``None``. Not read by AIS and APG, which use
+                the watershed settings recorded with the model.
+            tile: segment in ``tile x tile`` windows of the original image: AIS blends the decoder's maps over
+                the windows and runs one watershed; AMG and APG keep each object from the window holding its
+                centre (see :mod:`convlora.instances.tiles`); ``None``: the whole image at once.
+            overlap: pixels shared by neighbouring windows (AMG / APG: at least the largest object's diameter).
+
+        Returns:
+            ``(ids, objects)``; AMG's objects come best first, AIS's and APG's in id order (object ``i`` is id
+            ``i + 1``), scored by their mean foreground probability (AIS) or SAM's predicted IoU (AMG, APG).
 
         >>> ids, found = segmenter.predict_instances("cells.png", "amg", AmgConfig(16))  # doctest: +SKIP
         >>> found.scores  # the model's IoU estimate of each object, best first  # doctest: +SKIP
         """
-        choose_instance_method(method, has_decoder=False)
+        method = choose_instance_method(method, has_decoder=has_instance_head(self.model))
         pixels = self._pixels(image)
-        found = generate_masks(self.model, pixels, config, image_size=self.task.image_size, device=self.device)
-        return found.id_map(), found
+        settings = InstanceSettings.from_dict(self.task.instance_head) if method != "amg" else None
+        size, fmt, device = self.task.image_size, self.input_format, self.device
+        if method == "ais":
+
+            def maps(crop: np.ndarray) -> torch.Tensor:
+                return instance_map_logits(self.model, crop, size, fmt, device)
+
+            logits = maps(pixels) if tile is None else tiled_logits(maps, pixels, tile, overlap)
+            return ais_from_logits(logits, settings)
+        if method == "amg":
+
+            def one(crop: np.ndarray) -> tuple[np.ndarray, GeneratedMasks]:
+                found = generate_masks(self.model, crop, config, image_size=size, device=device)
+                return found.id_map(), found
+
+        else:
+
+            def one(crop: np.ndarray) -> tuple[np.ndarray, GeneratedMasks]:
+                return apg(self.model, crop, size, settings, input_format=fmt, device=device)
+
+        if tile is None:
+            return one(pixels)
+
+        def scored(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            ids, found = one(crop)
+            return ids, found.scores
+
+        ids, scores = stitch_instances(scored, pixels, tile, overlap)
+        return ids, objects_from_ids(ids, scores, settings={"method": method, "tile": [tile, overlap]})
 
     def predict(
         self,
@@ -399,22 +455,6 @@ def _ramp(length: int, overlap: int, before: bool, after: bool) -> torch.Tensor:
     return weight
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of windows of ``tile`` pixels covering ``length`` with at least ``overlap`` shared.
-
-    >>> tile_starts(1000, 400, 100)
-    [0, 300, 600]
-    >>> tile_starts(300, 400, 100)
-    [0]
-    """
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    count = math.ceil((length - tile) / stride) + 1
-    # spread the windows evenly so the last one ends at the border
-    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
-
-
 def tiled_logits(
     predict: Callable[[np.ndarray], torch.Tensor], pixels: np.ndarray, tile: int, overlap: int = 0
 ) -> torch.Tensor:
@@ -490,9 +530,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of a trained model on a labelled dataset folder or CSV (every image, original resolution).
 
-    With ``instances`` (``"amg"`` / ``"auto"``) the model segments every object itself and the instance metrics
-    score its id map against the dataset's instance-id masks (mSA, SA@0.5/0.75, F1, precision and recall at
-    0.5, object counts: see :mod:`convlora.evaluation.instances`).
+    With ``instances`` (``"amg"``, ``"ais"``, ``"apg"``, ``"auto"``; see :meth:`Segmenter.predict_instances`) the
+    model segments every object itself and the instance metrics score its id map against the dataset's
+    instance-id masks (mSA, SA@0.5/0.75, F1, precision and recall at 0.5, object counts: see
+    :mod:`convlora.evaluation.instances`). A model trained with ``--mode instances`` is scored so by default.
 
     Prompt-free by default. With ``prompt`` (``box``, ``point``, ``box_point``) every object of the ground
     truth is prompted with prompts derived under a fixed seed and scored per object (``object_iou``,
@@ -508,7 +549,8 @@ def evaluate(
         prompt: the prompt kind, or ``None`` for prompt-free evaluation.
         prompt_settings: fields of :class:`~convlora.data.prompts.PromptConfig` (``seed``, ``num_points``...).
         compare_base: with ``prompt``: return ``{"model": ..., "base": ...}`` metrics of both models.
-        instances: score objects (``"amg"``, ``"auto"``) instead of pixels; the masks must hold instance ids.
+        instances: score objects (``"amg"``, ``"ais"``, ``"apg"``, ``"auto"``) instead of pixels; the masks must
+            hold instance ids. ``tile`` applies to it too.
         amg: automatic mask generation settings (SAM's names).
         strength: evaluate a LoRA / Conv-LoRA fine-tune at this strength (see :meth:`Segmenter.from_pretrained`).
 
@@ -517,12 +559,16 @@ def evaluate(
 
     segmenter = Segmenter.from_pretrained(model_path, base_model=base_model, strength=strength)
     task = segmenter.task
+    if instances is None and task.mode == "instances" and prompt in (None, "none"):
+        instances = "auto"  # an instance model is scored by its objects
     if instances is not None:
-        if prompt not in (None, "none") or tile is not None or compare_base:
-            raise ValueError("evaluate: --instances scores every object itself; it takes no --prompt, --tile or "
+        if prompt not in (None, "none") or compare_base:
+            raise ValueError("evaluate: --instances scores every object itself; it takes no --prompt or "
                              "--compare-base")  # fmt: skip
-        return evaluate_instances(segmenter, data, choose_instance_method(instances, has_decoder=False), amg)
-    report = check_dataset(data, mode=task.mode, num_classes=task.num_classes, reading=task.image_reading)
+        method = choose_instance_method(instances, has_decoder=has_instance_head(segmenter.model))
+        return evaluate_instances(segmenter, data, method, amg, tile=tile, overlap=overlap)
+    mode = "binary" if task.mode == "instances" else task.mode  # prompted: an instance model's SAM decoder
+    report = check_dataset(data, mode=mode, num_classes=task.num_classes, reading=task.image_reading)
     split = "test" if "test" in report.samples else None
     dataset = SegmentationDataset.from_report(
         report, split, image_size=task.image_size, input_format=segmenter.input_format
@@ -553,15 +599,25 @@ def evaluate(
     return metrics.compute()
 
 
-def evaluate_instances(segmenter: Segmenter, data: str | Path, method: str, amg: AmgConfig | None) -> dict[str, Any]:
+def evaluate_instances(
+    segmenter: Segmenter,
+    data: str | Path,
+    method: str,
+    amg: AmgConfig | None,
+    *,
+    tile: int | None = None,
+    overlap: int = 0,
+) -> dict[str, Any]:
     """Instance metrics of ``segmenter``'s objects against a dataset's instance-id masks (``test/`` if present).
 
     Args:
         segmenter: the model.
         data: a labelled folder or CSV whose masks hold one id per object (16-bit PNG/TIFF, or 8-bit with
             255 = ignore).
-        method: ``"amg"``.
-        amg: its settings.
+        method: ``"amg"``, ``"ais"``, ``"apg"`` or ``"auto"`` (see :meth:`Segmenter.predict_instances`).
+        amg: AMG's settings.
+        tile: segment in windows of this size (see :meth:`Segmenter.predict_instances`).
+        overlap: pixels shared by neighbouring windows.
     """
     report = check_dataset(data, mode="binary", num_classes=2, reading=segmenter.task.image_reading)
     split = "test" if "test" in report.samples else None
@@ -579,7 +635,7 @@ def evaluate_instances(segmenter: Segmenter, data: str | Path, method: str, amg:
     metrics = InstanceMetrics()
     for sample, (truth, ignore) in zip(samples, truths, strict=True):
         image = read_image(sample.image, segmenter.task.image_reading)
-        predicted, _ = segmenter.predict_instances(image, method, amg)
+        predicted, _ = segmenter.predict_instances(image, method, amg, tile=tile, overlap=overlap)
         metrics.update(truth, predicted, ignore=ignore)
     return {"images": len(samples), **metrics.compute()}
 
@@ -714,8 +770,9 @@ def predict_folder(
 ) -> dict[str, Any]:
     """Segment every image of a folder; write mask PNGs (and overlays) at each image's original size.
 
-    With ``instances`` (``"amg"``, or ``"auto"``: see :meth:`Segmenter.predict_instances`) one mask per
-    object instead: ``OUTPUT/instances/<stem>.png`` (16-bit ids; ``.tif``, 32-bit, above 65,535 objects),
+    With ``instances`` (``"amg"``, ``"ais"``, ``"apg"`` or ``"auto"``: see :meth:`Segmenter.predict_instances`;
+    ``tile`` applies to it too) one mask per object instead: ``OUTPUT/instances/<stem>.png`` (16-bit ids;
+    ``.tif``, 32-bit, above 65,535 objects),
     ``OUTPUT/instances/<stem>.json`` (COCO-style entries with RLE masks, boxes and scores) and an overlay.
 
     Prompt-free, masks go to ``OUTPUT/masks/<stem>.png`` (binary: 0/255; multi-class: class ids). With a
@@ -741,7 +798,7 @@ def predict_folder(
         overlap: pixels shared by neighbouring windows.
         skip_bad: leave out images that cannot be read (listed in the result and in ``predictions.json``)
             instead of stopping at the first.
-        instances: ``"auto"``, ``"amg"`` (``"ais"`` / ``"apg"`` need a trained instance decoder), or ``None``.
+        instances: ``"auto"``, ``"amg"``, ``"ais"`` / ``"apg"`` (these need a trained instance decoder), or ``None``.
         amg: automatic mask generation settings (SAM's names); SAM's defaults when ``None``.
         batch_size: prompt-free images per forward pass (files are written in a background thread meanwhile).
         strength: predict with a LoRA / Conv-LoRA fine-tune at this strength (see :meth:`Segmenter.from_pretrained`).
@@ -760,18 +817,17 @@ def predict_folder(
     if prompts is not None and tile is not None:
         raise ValueError("predict: --tile is for prompt-free prediction; it cannot be combined with --prompts")
     if instances is not None:
-        if prompts is not None or tile is not None:
-            raise ValueError(
-                "predict: --instances finds every object itself; it takes neither --prompts nor --tile (for large "
-                "images, AMG's crop layers: --amg.crop_n_layers 1)"
-            )
-        instances = choose_instance_method(instances, has_decoder=False)
+        if prompts is not None:
+            raise ValueError("predict: --instances finds every object itself; it takes no --prompts")
+        choose_instance_method(instances, has_decoder=True)  # a wrong name fails before the model loads
     segmenter = Segmenter.from_pretrained(model_path, base_model=base_model, strength=strength)
+    if instances is not None:
+        instances = choose_instance_method(instances, has_decoder=has_instance_head(segmenter.model))
     reading = segmenter.task.image_reading
     report = check_dataset(images, reading=reading, skip_bad=skip_bad, skip_advice="--skip-bad")
     bad = [{"image": str(p.path or p.sample), "error": p.message} for p in report.problems if p.sample is not None]
     paths = [Path(sample.image) for sample in report.usable_samples()]
-    binary = segmenter.task.mode == "binary"
+    binary = segmenter.task.mode in ("binary", "instances")  # an instance model's prompt-free mask: its foreground
     prompt_sets = None
     if prompts is not None:
         names = _image_names(paths, images)
@@ -826,7 +882,8 @@ def predict_folder(
                     bad.append({"image": str(path), "error": str(error)})
                     continue
                 if instances is not None:
-                    record = _predict_instances(segmenter, image, path, output_dir, overlays, amg)
+                    found = segmenter.predict_instances(image, instances, amg, tile=tile, overlap=overlap)
+                    record = _write_instances(found, image, path, output_dir, overlays)
                     writer.submit(path, lambda record=record: record)
                 elif prompt_sets is not None:
                     record = _predict_prompted(segmenter, image, prompt_sets[path], path, output_dir, overlays)
@@ -947,20 +1004,27 @@ class _OrderedWriter:
         self.records.append(record)
 
 
-def _predict_instances(
-    segmenter: Segmenter, image: np.ndarray, path: Path, output_dir: Path, overlays: bool, amg: AmgConfig | None
+def _write_instances(
+    result: tuple[np.ndarray, GeneratedMasks], image: np.ndarray, path: Path, output_dir: Path, overlays: bool
 ) -> dict[str, Any]:
-    """One image's objects (automatic mask generation): id image, COCO-style JSON, overlay; returns its record."""
-    ids, found = segmenter.predict_instances(image, "amg", amg)
+    """One image's objects: id image, COCO-style JSON, overlay; returns its record."""
+    ids, found = result
     files = [save_id_map(ids, output_dir / "instances" / path.stem).relative_to(output_dir).as_posix()]
-    extra = {"predicted_iou": found.scores, "stability_score": found.stability, "point_coords": found.points}
+    method = found.settings.get("method", "amg")
+    if method == "amg":
+        extra = {"predicted_iou": found.scores, "stability_score": found.stability, "point_coords": found.points}
+    elif method == "ais":  # score: mean foreground probability; point: the seed the watershed grew it from
+        extra = {"point_coords": found.points}
+    else:
+        extra = {"predicted_iou": found.scores, "point_coords": found.points}
     entries = coco_annotations(found.masks, found.scores, image_id=path.name, extra=extra)
     files.append(f"instances/{path.stem}.json")
-    write_json(output_dir / files[-1], {"image": path.name, "size": list(ids.shape), "annotations": entries})
+    document = {"image": path.name, "size": list(ids.shape), "method": method, "annotations": entries}
+    write_json(output_dir / files[-1], document)
     if overlays:
         files.append(f"overlays/{path.stem}.png")
         _save_png(overlay(image, np.where(ids > 0, (ids - 1) % 254 + 1, 0)), output_dir / files[-1])  # 255: ignore
-    return {"size": list(ids.shape), "objects": len(found), "files": files}
+    return {"size": list(ids.shape), "objects": len(found), "method": method, "files": files}
 
 
 def _predict_prompted(
@@ -1055,6 +1119,6 @@ def merge_model(model_path: str | Path, output_dir: str | Path, *, base_model: s
     extra = merged_extra_parameters(merged)
     merged_task = TaskInfo(**{**task.to_dict(), "merged": True})
     with atomic_dir(output_dir, "model", option="--output") as tmp:
-        write_merged(merged, tmp)
+        write_weights(merged, tmp, write_merged)  # an instance decoder goes beside the SAM checkpoint
         write_task_file(tmp, merged_task)
     return {"output_dir": str(output_dir), "extra_parameters": extra, "method": task.method}

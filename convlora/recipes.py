@@ -97,7 +97,8 @@ def recipe(domain: str) -> Recipe:
 
         if domain in DOMAINS and DOMAINS[domain].mode == "instances":
             raise ValueError(
-                f"the {domain} domain holds instance masks; instance training (--mode instances) is not available yet"
+                f"the {domain} domain holds instance masks and has no recipe; train it with --mode instances "
+                "(examples/nuclei.py)"
             )
         raise ValueError(f"Unknown domain {domain!r}; choose one of {sorted(RECIPES)}")
     return RECIPES[domain]

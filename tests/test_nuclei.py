@@ -142,8 +142,10 @@ def test_training_entry_points_refuse_the_instance_domain_in_one_line():
     from convlora.bench.experiments import experiment_from_dict
     from convlora.recipes import recipe
 
-    message = "the nuclei domain holds instance masks; instance training (--mode instances) is not available yet"
-    with pytest.raises(ValueError, match=r"instance training \(--mode instances\) is not available yet") as error:
+    message = (
+        "the nuclei domain holds instance masks and has no recipe; train it with --mode instances (examples/nuclei.py)"
+    )
+    with pytest.raises(ValueError, match=r"has no recipe; train it with --mode instances") as error:
         recipe("nuclei")
     assert str(error.value) == message
     config = {"name": "q", "kind": "quality", "domains": ["nuclei"], "arms": [{"method": "lora"}]}

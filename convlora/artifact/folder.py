@@ -15,6 +15,17 @@ from torch import nn
 
 from .._io import atomic_dir, read_versioned_json, sha256_file, write_json
 from ..data import ImageReading
+from ..instances.model import (
+    HEAD_WEIGHTS,
+    InstanceSettings,
+    has_instance_head,
+    head_apart,
+    install_instance_head,
+    instance_head,
+    load_head,
+    save_head,
+    trained_head,
+)
 from ..models import family_of, install_class_decoder, load_sam
 from ..models.adapter_check import ADAPTER_CONFIG, read_adapter_config
 from ..models.family import prepare_model
@@ -29,8 +40,8 @@ class TaskInfo:
     """What a trained model segments and how to rebuild it.
 
     Args:
-        mode: ``"binary"`` or ``"multiclass"``.
-        num_classes: classes including the background (2 for binary).
+        mode: ``"binary"``, ``"multiclass"`` or ``"instances"`` (one id per object, from the instance decoder).
+        num_classes: classes including the background (2 for binary and instances).
         class_names: one name per class.
         image_size: square input size of the model.
         base_model: the SAM checkpoint the run started from (embedded name, directory or hub id).
@@ -42,6 +53,8 @@ class TaskInfo:
             without it get the defaults, under which 8-bit images are read as they always were.
         prompt: the prompt kind the model was trained with (``"none"``: prompt-free; ``"box"``, ``"point"``,
             ``"box_point"``, ``"mixed"``). Any model answers prompts; this records how it was trained.
+        instance_head: ``mode="instances"`` only: the instance decoder's shape and watershed settings
+            (``convlora.instances.InstanceSettings.to_dict()``); ``None`` for the other modes.
         single_mask_token: SAM 2 / SAM 3 give their single-mask output from mask token 0 in evaluation too,
             as in training (transformers' eval-time ``dynamic_multimask_via_stability`` fallback off); applied
             by the training engine and :func:`load_trained`, never by ``load_sam`` / ``apply_conv_lora``. No
@@ -63,11 +76,14 @@ class TaskInfo:
     image_reading: dict[str, Any] = field(default_factory=lambda: ImageReading().to_dict())
     prompt: str = "none"
     single_mask_token: bool = True
+    instance_head: dict[str, Any] | None = None
     format_version: int = TASK_FORMAT_VERSION
 
     @property
     def out_channels(self) -> int:
-        """Channels of the model's logits: 1 for binary, ``num_classes`` for multi-class."""
+        """Channels of the model's logits: 1 for binary, ``num_classes`` for multi-class, 3 for instances."""
+        if self.mode == "instances":
+            return 3  # foreground, centre, boundary (convlora.instances.decoder.CHANNELS)
         return 1 if self.mode == "binary" else self.num_classes
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,11 +119,41 @@ def export_trained(model: nn.Module, task: TaskInfo, directory: str | Path, mode
     """
     directory = Path(directory)
     with atomic_dir(directory, "model") as tmp:
-        get_method(task.method).export(model, tmp)
+        write_weights(model, tmp, get_method(task.method).export)
         write_task_file(tmp, task)
         if model_card is not None:
             (tmp / "README.md").write_text(model_card)
     return directory
+
+
+def write_weights(model: nn.Module, folder: Path, write: Any) -> None:
+    """``write(model, folder)``, with an instance decoder the writer would not carry written beside it.
+
+    PEFT's own export carries the head when it is one of the adapter's ``modules_to_save``; any other writer
+    (decoder-only, BitFit, a full or merged checkpoint) gets the model without it, and the head goes to
+    ``instance_head.safetensors`` (read back by :func:`load_trained`).
+
+    Args:
+        model: the model to write.
+        folder: an existing (temporary) folder.
+        write: ``(model, folder) -> None``, e.g. a method's ``export`` or ``write_merged``.
+    """
+    if not has_instance_head(model) or trained_head(model) is not instance_head(model):
+        write(model, folder)
+        return
+    save_head(model, folder)
+    with head_apart(model):
+        write(model, folder)
+
+
+def restore_instance_head(model: nn.Module, task: TaskInfo, directory: Path) -> None:
+    """Put the instance decoder of an instance task back on a loaded model (from the folder's head file)."""
+    if task.mode != "instances":
+        return
+    if not has_instance_head(model):
+        install_instance_head(model, InstanceSettings.from_dict(task.instance_head))
+    if (directory / HEAD_WEIGHTS).is_file():
+        load_head(model, directory)
 
 
 def write_task_file(directory: Path, task: TaskInfo) -> None:
@@ -160,6 +206,7 @@ def load_trained(directory: str | Path, *, base_model: str | None = None) -> tup
     method = get_method(task.method)
     if method.load is None or task.merged:
         model = load_sam(directory)
+        restore_instance_head(model, task, directory)
         return apply_task_settings(model, task).eval(), task
     source = base_model or task.base_model
     try:
@@ -170,7 +217,10 @@ def load_trained(directory: str | Path, *, base_model: str | None = None) -> tup
         raise ValueError(f"{error} ({directory} was trained on it; pass base_model / --base-model)") from error
     if task.mode == "multiclass":
         install_class_decoder(base, task.num_classes)
+    if task.mode == "instances":  # before the adapter: PEFT loads the head it carries into this one
+        install_instance_head(base, InstanceSettings.from_dict(task.instance_head))
     model = method.load(base, directory, source)
+    restore_instance_head(model, task, directory)
     return apply_task_settings(model, task).eval(), task
 
 
@@ -257,7 +307,7 @@ def continue_from_export(
     from peft import PeftModel
 
     from ..models.adapter_check import check_adapter_complete, check_adapter_matches, read_adapter_config
-    from .methods import freeze_unused_decoder_parts
+    from .methods import freeze_unused_decoder_parts, train_instance_head
 
     directory = Path(directory)
     where = f"init_adapter {directory}"
@@ -284,6 +334,11 @@ def continue_from_export(
             )
     if task.mode == "multiclass":
         install_class_decoder(base, task.num_classes)
+    if task.mode == "instances":
+        saved_head = TaskInfo.read(directory).instance_head if (directory / TASK_FILE).is_file() else None
+        task.instance_head = install_instance_head(
+            base, InstanceSettings.from_dict(saved_head or task.instance_head)
+        ).to_dict()
     method = get_method(task.method)
     if method.uses_adapter:
         config = read_adapter_config(directory)
@@ -304,6 +359,8 @@ def continue_from_export(
         check_adapter_complete(model, directory)
     else:
         model = method.build(method.load(base, directory, task.base_model), None)
+    restore_instance_head(model, task, directory)
+    train_instance_head(model)
     if freeze_iou_head:
         freeze_unused_decoder_parts(model, task.mode)
     return model

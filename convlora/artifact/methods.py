@@ -27,6 +27,7 @@ from peft import PeftModel
 from torch import nn
 
 from .._compat import keep_trained_modules_on_unload, quiet_peft_deprecations
+from ..instances.model import HEAD_ATTRIBUTE, InstanceSettings, has_instance_head, install_instance_head, trained_head
 from ..models import apply_conv_lora, find_sam, install_class_decoder
 from ..models.adapter_check import check_adapter_complete, check_adapter_matches, read_safetensors_shapes
 from ..models.merged_io import write_merged
@@ -284,16 +285,19 @@ def freeze_unused_decoder_parts(model: nn.Module, mode: str) -> list[str]:
 
     Args:
         model: the task model (PEFT-wrapped or not).
-        mode: ``"binary"`` or ``"multiclass"``.
+        mode: ``"binary"``, ``"multiclass"`` or ``"instances"``.
 
     SAM's IoU head is not used by mask losses; binary runs use only the first mask token's hypernetwork
-    MLP; multi-class runs use the class tokens and class MLP instead of SAM's mask tokens. Frozen, these
+    MLP; multi-class runs use the class tokens and class MLP instead of SAM's mask tokens; instance runs
+    train their own decoder (``instance_head``) and no loss reaches SAM's mask decoder at all. Frozen, these
     parts keep their pretrained values (no weight decay drift) and distributed training needs no
     unused-parameter search for them.
     """
     # SAM 2 / 3 also score whether an object is there at all (pred_obj_score_head): no mask loss reaches it
     unused = ["iou_prediction_head", "iou_token", "pred_obj_score_head"]
-    if mode == "binary":
+    if mode == "instances":
+        unused = [""]  # every part of the mask decoder
+    elif mode == "binary":
         unused += ["output_hypernetworks_mlps.1.", "output_hypernetworks_mlps.2.", "output_hypernetworks_mlps.3."]
     else:
         unused += ["mask_tokens", "output_hypernetworks_mlps."]
@@ -330,11 +334,38 @@ def build_task_model(
     if task.mode == "multiclass":
         install_class_decoder(base, task.num_classes)
     method = get_method(task.method)
+    if task.mode == "instances":
+        task.instance_head = install_instance_head(base, InstanceSettings.from_dict(task.instance_head)).to_dict()
+        if method.uses_adapter:
+            adapter_config = _saving_head(adapter_config)
     options = check_peft_options(task.method, peft_options or {})
     if options:
         model = method.build(base, adapter_config, options=options)  # type: ignore[call-arg]
     else:
         model = method.build(base, adapter_config)
+    train_instance_head(model)
     if freeze_iou_head:
         freeze_unused_decoder_parts(model, task.mode)
     return model
+
+
+def _saving_head(adapter_config: Any) -> Any:
+    """A copy of an adapter config whose ``modules_to_save`` also lists the instance decoder."""
+    import copy
+
+    from ..tuner.config import ConvLoraConfig
+
+    config = copy.copy(adapter_config) if adapter_config is not None else ConvLoraConfig()
+    kept = list(config.modules_to_save or [])
+    config.modules_to_save = kept if HEAD_ATTRIBUTE in kept else [*kept, HEAD_ATTRIBUTE]
+    return config
+
+
+def train_instance_head(model: nn.Module) -> None:
+    """Make a model's instance decoder trainable (under PEFT its trained copy, never the frozen original).
+
+    Every method freezes all but its own weights; the instance decoder always trains with them. No-op for a
+    model without one.
+    """
+    if has_instance_head(model):
+        trained_head(model).requires_grad_(True)

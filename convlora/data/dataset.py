@@ -31,8 +31,11 @@ from .classes import Color
 from .decode import ImageReading, mask_to_labels, read_image, read_image_size, read_mask
 from .discover import split_samples
 from .inspect import check_dataset
+from .instances import check_instance_masks, instance_labels
 from .report import ALL, ENCODINGS, MODES, DatasetError, DatasetReport, Sample
 from .transforms import AugmentConfig, augment_sample, sample_generator
+
+INSTANCES = "instances"  # the training mode of one id per object (not a mode of the inspection's report)
 
 
 class SegmentationDataset(Dataset):
@@ -55,8 +58,9 @@ class SegmentationDataset(Dataset):
     Args:
         samples: the samples (see :func:`~convlora.data.check_dataset` for validated ones).
         image_size: the model's square input size ``S``.
-        mode: ``"binary"``, ``"multiclass"``, or ``None`` for unlabelled samples.
-        num_classes: classes including the background (2 for binary).
+        mode: ``"binary"``, ``"multiclass"``, ``"instances"`` (labels are object ids renumbered 1..n with 255
+            skipped, see :func:`~convlora.data.instances.instance_labels`), or ``None`` for unlabelled samples.
+        num_classes: classes including the background (2 for binary and instances).
         mask_encoding: how masks store labels (``"0/255"``, ``"0/1"``, ``"ids"``); by default ``"0/255"``
             for binary (which also reads 0/1 masks) and ``"ids"`` for multi-class.
         augment: augmentation settings; ``None`` (evaluation) fits images without randomness.
@@ -87,14 +91,14 @@ class SegmentationDataset(Dataset):
         class_colors: Mapping[Color, int] | None = None,
         input_format: InputFormat = SAM_INPUT,
     ) -> None:
-        if mode is not None and mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES} or None (unlabelled), got {mode!r}")
-        if mode == "binary" and num_classes != 2:
-            raise ValueError(f"mode='binary' means num_classes=2, got {num_classes}")
+        if mode is not None and mode not in (*MODES, INSTANCES):
+            raise ValueError(f"mode must be one of {(*MODES, INSTANCES)} or None (unlabelled), got {mode!r}")
+        if mode in ("binary", INSTANCES) and num_classes != 2:
+            raise ValueError(f"mode={mode!r} means num_classes=2, got {num_classes}")
         if not 2 <= num_classes <= IGNORE_INDEX:
             raise ValueError(f"num_classes must be in 2..255 (255 marks ignored pixels), got {num_classes}")
         if mask_encoding is None:
-            mask_encoding = "0/255" if mode == "binary" else "ids"
+            mask_encoding = {"binary": "0/255", INSTANCES: "instances"}.get(str(mode), "ids")
         if mask_encoding not in ENCODINGS:
             raise ValueError(f"mask_encoding must be one of {ENCODINGS}, got {mask_encoding!r}")
         if mode is None and any(s.labelled for s in samples):
@@ -205,6 +209,14 @@ class SegmentationDataset(Dataset):
     def _labels(self, sample: Sample, image_size: tuple[int, int]) -> np.ndarray | None:
         if sample.mask is None:
             return None
+        if self.mode == INSTANCES:
+            labels = instance_labels(read_mask(sample.mask, self.class_colors))
+            if labels.shape != tuple(image_size):
+                raise DatasetError(
+                    f"{sample.mask}: mask is {labels.shape[0]}x{labels.shape[1]} but its image is "
+                    f"{image_size[0]}x{image_size[1]}; expected the same size"
+                )
+            return labels
         labels = mask_to_labels(read_mask(sample.mask, self.class_colors), self.mask_encoding)
         if labels.dtype != np.uint8:  # 16/32-bit masks: a dtype every torch op supports
             labels = labels.astype(np.int64)
@@ -364,9 +376,13 @@ def load_datasets(
     >>> data = load_datasets("data/polyp", val_fraction=0.1, seed=1)  # doctest: +SKIP
     """
     reading = ImageReading.of(reading)
-    main = check_dataset(
-        data, mode, num_classes, skip_bad=skip_bad, workers=workers, reading=reading, mask_reading=mask_reading
-    )
+    instances = mode == INSTANCES
+    if instances:
+        main = _instance_report(data, num_classes, skip_bad, workers, reading, mask_reading)
+    else:
+        main = check_dataset(
+            data, mode, num_classes, skip_bad=skip_bad, workers=workers, reading=reading, mask_reading=mask_reading
+        )
     if not any(main.labelled.values()) or main.mode is None or main.num_classes is None:
         raise DatasetError(f"{data}: training needs masks, but no masks/ folder or mask column was found", main)
     reports = {"data": main}
@@ -377,7 +393,7 @@ def load_datasets(
         return SegmentationDataset(
             samples,
             image_size=image_size,
-            mode=report.mode,
+            mode=INSTANCES if instances else report.mode,
             num_classes=main.num_classes or 2,
             mask_encoding=report.mask_encoding,
             augment=augment if with_augment else None,
@@ -432,15 +448,63 @@ def load_datasets(
         train=dataset(main, train_samples, True),
         val=val,
         test=test,
-        mode=main.mode,
+        mode=INSTANCES if instances else main.mode,
         num_classes=main.num_classes,
         class_names=list(main.class_names),
-        task_family=str(main.domain) if main.mode == "binary" and main.domain else str(main.mode),
+        task_family=INSTANCES if instances else _task_family(main),
         reports=reports,
         notes=notes,
         image_reading=reading.to_dict(),
         domain=main.domain,
     )
+
+
+def _task_family(report: DatasetReport) -> str:
+    """The domain of a binary dataset that names one (its main metric follows it), else the mode."""
+    return str(report.domain) if report.mode == "binary" and report.domain else str(report.mode)
+
+
+def _instance_report(
+    data: str | Path,
+    num_classes: int | None,
+    skip_bad: bool,
+    workers: int | None,
+    reading: ImageReading,
+    mask_reading: str,
+) -> DatasetReport:
+    """The inspection of a dataset for ``mode="instances"``, refusing masks that hold no instance ids.
+
+    The masks are inspected as for any mode (``mask_reading`` applies: ``"instances"`` forces the instance
+    reading); they must read as instance maps, and at least one of a sample of them must hold two objects.
+    """
+    if num_classes not in (None, 2):
+        raise ValueError(f"num_classes={num_classes}: --mode instances segments objects of one kind; leave it unset")
+    if mask_reading == "classes":
+        raise ValueError("--mode instances reads masks as instance ids; mask_reading 'classes' contradicts it")
+    report = check_dataset(
+        data, None, None, skip_bad=skip_bad, workers=workers, reading=reading, mask_reading=mask_reading
+    )
+    if report.mask_encoding != "instances":
+        if report.mode == "multiclass":
+            raise DatasetError(
+                f"{data}: --mode instances needs masks holding one id per object, but they read as class maps "
+                f"({report.num_classes} classes, ids shared by separate regions); train them with --mode multiclass, "
+                "or pass --mask_reading instances if each id is one object",
+                report,
+            )
+        raise DatasetError(
+            f"{data}: --mode instances needs masks holding one id per object, but they are binary masks "
+            f"({report.mask_encoding} encoding: one object id per image); train them with --mode binary, or label "
+            "each object with its own id (16-bit PNG/TIFF label images)",
+            report,
+        )
+    labelled = [s for s in report.usable_samples() if s.mask is not None]
+    picked = labelled[:: max(1, len(labelled) // 32)][:32]
+    try:
+        check_instance_masks([read_mask(s.mask) for s in picked if s.mask is not None], str(data))
+    except ValueError as error:
+        raise DatasetError(str(error), report) from None
+    return report
 
 
 def build_datasets(config: Any) -> SegmentationData:

@@ -124,3 +124,47 @@ def looks_like_instances(stats: Sequence[InstanceStats], distinct: int, *, binar
         return False
     share = sum(s.single_region for s in multi) / sum(s.ids for s in multi)
     return share >= SINGLE_REGION_SHARE
+
+
+def instance_labels(mask: np.ndarray) -> np.ndarray:
+    """An instance map as training labels: ids renumbered 1..n with 255 skipped, 255 = ignore (int64).
+
+    Training pads and marks ignored pixels with 255 (convlora's ignore value), so no object may keep that id:
+    ids are renumbered in ascending order and every one from 255 on moves up by one. Ignored pixels of an
+    8-bit map (255) stay 255. The numbering carries no meaning (the instance targets do not depend on it).
+
+    Args:
+        mask: ``(h, w)`` ids as :func:`~convlora.data.read_mask` returns them.
+
+    >>> instance_labels(np.array([[0, 40, 255], [7, 40, 0]], np.uint8)).tolist()
+    [[0, 2, 255], [1, 2, 0]]
+    """
+    ids = instance_ids(mask)
+    labels = np.zeros(mask.shape, np.int64)
+    if ids.size:
+        order = np.searchsorted(ids, mask)  # position of each pixel's id among the object ids
+        inside = np.isin(mask, ids)
+        numbers = np.arange(1, ids.size + 1)
+        numbers[numbers >= IGNORE_INDEX] += 1
+        labels[inside] = numbers[order[inside]]
+    if mask.dtype == np.uint8:
+        labels[mask == IGNORE_INDEX] = IGNORE_INDEX
+    return labels
+
+
+def check_instance_masks(masks: Sequence[np.ndarray], source: str) -> None:
+    """Refuse masks that hold at most one object id each (binary masks) for instance training.
+
+    Args:
+        masks: a sample of the dataset's masks as :func:`~convlora.data.read_mask` returns them.
+        source: the dataset, for the message.
+
+    >>> check_instance_masks([np.array([[0, 1, 2]], np.uint16)], "data")
+    """
+    counts = [int(instance_ids(mask).size) for mask in masks]
+    if counts and max(counts) <= 1:
+        raise ValueError(
+            f"{source}: --mode instances needs masks holding one id per object, but every mask read holds at most "
+            f"one object id ({len(counts)} masks: binary masks); train them with --mode binary, or label each "
+            "object with its own id (16-bit PNG/TIFF label images)"
+        )

@@ -83,6 +83,7 @@ MAIN_METRICS: dict[str, MainMetric] = {
     "leaf": MainMetric("iou", True),
     "shadow": MainMetric("ber", False),
     "multiclass": MainMetric("miou", True),
+    "instances": MainMetric("msa", True),
 }
 
 HIGHER_IS_BETTER: dict[str, bool] = {
@@ -103,6 +104,13 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "object_dice": True,
     "pixel_accuracy": True,
     "mean_accuracy": True,
+    # instance metrics (convlora.evaluation.instances), per image and pooled
+    **{
+        f"{key}{pooled}": True
+        for key in ("msa", "sa50", "sa75", "ap50", "f1_50", "precision_50", "recall_50")
+        for pooled in ("", "_pooled")
+    },
+    "count_error_abs": False,
 }
 
 
@@ -125,7 +133,7 @@ def default_metric(mode: str, family: str | None) -> MainMetric:
     """The checkpoint-selection metric of a dataset: its family's when convlora knows it, else its mode's.
 
     Args:
-        mode: ``"binary"`` or ``"multiclass"``.
+        mode: ``"binary"``, ``"multiclass"`` or ``"instances"`` (``msa``).
         family: the dataset's domain (``dataset.json``), e.g. ``"polyp"``; any other name or ``None``
             falls back to the mode's metric.
 

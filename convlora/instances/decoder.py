@@ -1,8 +1,8 @@
 """A trained instance decoder ("AIS"): a light head on the image embedding, its loss, and the watershed.
 
 :class:`InstanceHead` turns the image encoder's embedding (SAM: ``last_hidden_state``; SAM 2 / 3: the coarsest
-map of the pyramid) into three maps at 4x the grid: a foreground logit and two distance maps, the centre and
-boundary maps of :mod:`convlora.instances.targets`. :func:`instance_loss` trains it against
+map of the pyramid), optionally with the image itself, into three maps: a foreground logit and two distance
+maps, the centre and boundary maps of :mod:`convlora.instances.targets`. :func:`instance_loss` trains it against
 :func:`~convlora.instances.targets.instance_targets`; :func:`ids_from_maps` turns the three maps into object ids
 with a seeded watershed: seeds where the centre map is high, flooding down the boundary map within the
 foreground, so two touching objects stay two as long as their centres are apart.
@@ -51,42 +51,110 @@ class _Up(nn.Module):
         return self.layers(x)
 
 
-class InstanceHead(nn.Module):
-    """Foreground and distance maps at 4x the embedding's grid, from the image encoder's embedding.
+class _Stem(nn.Module):
+    """Features of the input image itself at 1/2 and 1/4 of its size: the detail the 16-pixel tokens lack."""
 
-    A 3x3 projection to ``hidden_channels``, two upsampling stages halving the width each (transposed
-    convolution, GroupNorm, GELU), and a 1x1 output convolution: 170k weights on SAM ViT-B at the default width,
-    most of them in the projection (``9 * in_channels * hidden_channels``), small next to any image encoder.
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.at_half = nn.Sequential(
+            nn.Conv2d(3, channels, kernel_size=3, stride=2, padding=1),
+            _norm(channels),
+            nn.GELU(),
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            _norm(channels),
+            nn.GELU(),
+        )
+        self.at_quarter = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1), _norm(channels), nn.GELU()
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.at_half(pixel_values)
+
+
+class _Fuse(nn.Module):
+    """Decoder features joined with image features of a finer grid (resized to it), by a 3x3 convolution."""
+
+    def __init__(self, channels: int, image_channels: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(channels + image_channels, channels, kernel_size=3, padding=1), _norm(channels), nn.GELU()
+        )
+
+    def forward(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        if features.shape[-2:] != image.shape[-2:]:  # SAM 3's 14-pixel patches: the grids differ slightly
+            features = F.interpolate(features, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return self.layers(torch.cat([features, image], dim=1))
+
+
+class InstanceHead(nn.Module):
+    """Foreground and distance maps from the image encoder's embedding (and, optionally, the image itself).
+
+    A 3x3 projection to ``hidden_channels`` and two upsampling stages halving the width each (transposed
+    convolution, GroupNorm, GELU) bring the embedding to 4x its grid (SAM: 1/4 of the input); a 1x1 output
+    convolution gives the three maps. That is 170k weights on SAM ViT-B at the default width, most of them in
+    the projection (``9 * in_channels * hidden_channels``), small next to any image encoder.
+
+    With ``image_channels`` the head also reads the preprocessed image, as micro-sam's UNETR decoder does: a
+    small convolutional stem gives features at 1/2 and 1/4 of the input, joined with the decoder's at 1/4,
+    then after a third upsampling at 1/2, where the maps come out. A token of SAM covers 16 x 16 pixels: the
+    line where two touching nuclei meet is often finer than that, and the outlines of objects a few pixels
+    wide are lost at 1/4.
 
     Args:
         in_channels: channels of the embedding (SAM ViT-B: 256; the tiny test SAM: 16).
         hidden_channels: width after the projection; the stages use ``hidden / 2`` and ``hidden / 4``
             (a multiple of 4).
+        image_channels: width of the image stem; 0: no stem (maps at 4x the grid, the image is not read).
 
     >>> head = InstanceHead(16, hidden_channels=8)
     >>> head(torch.zeros(2, 16, 8, 8)).shape  # foreground logit, centre and boundary logits
     torch.Size([2, 3, 32, 32])
+    >>> InstanceHead(16, 8, image_channels=4)(torch.zeros(2, 16, 8, 8), torch.zeros(2, 3, 128, 128)).shape
+    torch.Size([2, 3, 64, 64])
     """
 
-    def __init__(self, in_channels: int, hidden_channels: int = 64) -> None:
+    def __init__(self, in_channels: int, hidden_channels: int = 64, image_channels: int = 0) -> None:
         super().__init__()
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
         if not isinstance(hidden_channels, int) or hidden_channels < 4 or hidden_channels % 4:
             raise ValueError(f"hidden_channels must be a positive multiple of 4, got {hidden_channels!r}")
-        self.in_channels, self.hidden_channels = in_channels, hidden_channels
+        if not isinstance(image_channels, int) or image_channels < 0:
+            raise ValueError(f"image_channels must be a non-negative integer, got {image_channels!r}")
+        self.in_channels, self.hidden_channels, self.image_channels = in_channels, hidden_channels, image_channels
         self.project = nn.Sequential(
             nn.Conv2d(in_channels, hidden_channels, kernel_size=3, padding=1), _norm(hidden_channels), nn.GELU()
         )
         half, quarter = hidden_channels // 2, hidden_channels // 4
         self.up = nn.Sequential(_Up(hidden_channels, half), _Up(half, quarter))
+        if image_channels:
+            self.stem = _Stem(image_channels)
+            self.fuse_quarter = _Fuse(quarter, image_channels)
+            self.up_half = nn.Sequential(
+                nn.ConvTranspose2d(quarter, quarter, kernel_size=2, stride=2), _norm(quarter), nn.GELU()
+            )
+            self.fuse_half = _Fuse(quarter, image_channels)
         self.out = nn.Conv2d(quarter, len(CHANNELS), kernel_size=1)
 
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        """``(b, c, h, w)`` embedding -> ``(b, 3, 4h, 4w)`` logits (apply a sigmoid for the maps)."""
+    def forward(self, embedding: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """``(b, c, h, w)`` embedding (and ``(b, 3, S, S)`` image with a stem) -> ``(b, 3, m, m)`` logits.
+
+        ``m`` is ``4h`` without a stem and ``S / 2`` with one; apply a sigmoid for the maps.
+        """
         if embedding.ndim != 4 or embedding.shape[1] != self.in_channels:
             raise ValueError(f"embedding has shape {tuple(embedding.shape)}, expected (b, {self.in_channels}, h, w)")
-        return self.out(self.up(self.project(embedding)))
+        features = self.up(self.project(embedding))  # (b, hidden / 4, 4h, 4w)
+        if not self.image_channels:
+            return self.out(features)
+        if pixel_values is None or pixel_values.ndim != 4 or pixel_values.shape[:2] != (embedding.shape[0], 3):
+            found = None if pixel_values is None else tuple(pixel_values.shape)
+            raise ValueError(f"this head reads the image too: pixel_values must be (b, 3, S, S), got {found}")
+        half = self.stem(pixel_values)  # (b, image_channels, S/2, S/2)
+        quarter = self.stem.at_quarter(half)  # (b, image_channels, S/4, S/4)
+        features = self.fuse_quarter(features, quarter)
+        features = self.fuse_half(self.up_half(features), half)  # (b, hidden / 4, S/2, S/2)
+        return self.out(features)
 
 
 def instance_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

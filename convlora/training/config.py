@@ -29,8 +29,11 @@ from ..artifact.peft_methods import check_peft_options
 from ..data.prompts import PromptConfig
 from ..data.transforms import AugmentConfig
 from ..tuner.config import ConvLoraConfig
+from .embedding_cache import CACHE_MODES
 
-MODES = ("auto", "binary", "multiclass")
+MODES = ("auto", "binary", "multiclass", "instances")
+RETENTION_MODES = ("auto", "off", "on")
+SELECT_RULES = ("best", "retention", "weighted")
 PRECISIONS = ("no", "bf16", "fp16")
 # the sections of `convlora train --help` and of the configuration reference, in order
 GROUPS = ("data", "model", "method", "optimisation", "schedule", "checkpoints", "logging")
@@ -160,7 +163,13 @@ class TrainConfig:
     test_data: str | None = option(
         None, group="data", resume="apply", help="A labelled test set, evaluated with the best model at the end."
     )
-    mode: str = option("auto", group="data", choices=MODES, help="Task: binary, multiclass, or auto (from the masks).")
+    mode: str = option(
+        "auto",
+        group="data",
+        choices=MODES,
+        help="Task: binary, multiclass, instances (one id per object: an instance decoder + watershed), or auto "
+        "(binary or multiclass, from the masks; never instances).",
+    )
     num_classes: int | None = option(
         None, group="data", help="Classes including the background (multi-class); unset: inferred from the masks."
     )
@@ -248,6 +257,23 @@ class TrainConfig:
         help="Prompt settings, nested: --prompting.max_objects 8, --prompting.box_jitter 0.1, "
         "--prompting.correction_rounds 2 (see PromptConfig).",
     )
+    joint_prompted: float = option(
+        0.0,
+        group="method",
+        help="Share of the steps (in [0, 1]) trained under box / point prompts on the training objects, to keep "
+        "SAM's prompted skill; the rest stay prompt-free (binary tasks, prompt none).",
+    )
+    instance_channels: int = option(
+        64,
+        group="method",
+        help="Width of the instance decoder trained by --mode instances (a multiple of 4; ~170k weights on ViT-B).",
+    )
+    instance_image_channels: int = option(
+        16,
+        group="method",
+        help="Width of the instance decoder's image stem (it reads the image too; maps at half the input size); "
+        "0: the embedding only (maps at a quarter).",
+    )
     loss: str | None = option(
         None,
         group="method",
@@ -273,6 +299,18 @@ class TrainConfig:
     gradient_checkpointing: bool = option(
         False, group="optimisation", help="Recompute encoder activations in the backward pass to save memory."
     )
+    embedding_cache: str = option(
+        "auto",
+        group="optimisation",
+        choices=CACHE_MODES,
+        resume="apply",
+        help="Reuse a frozen image encoder's outputs (method decoder) from epoch to epoch: auto (in memory up to "
+        "embedding_cache_mib, else on disk in RUN/embedding_cache), memory, disk or off; training images need "
+        "augmentation off.",
+    )
+    embedding_cache_mib: int = option(
+        4096, group="optimisation", resume="apply", help="Memory embedding_cache auto may use before it goes to disk."
+    )
     seed: int = option(
         0,
         group="optimisation",
@@ -296,6 +334,37 @@ class TrainConfig:
         None, group="schedule", help="Stop after this many evaluations without improvement; unset: never."
     )
     eval_every_epochs: int = option(1, group="schedule", help="Evaluate every this many epochs.")
+    retention: str = option(
+        "auto",
+        group="schedule",
+        choices=RETENTION_MODES,
+        resume="refuse",
+        help="Measure at every evaluation how much of the base's prompted quality the model keeps (binary tasks): "
+        "on, off, or auto (on when there is a keep set: keep_data, or convlora-tiny's generic one).",
+    )
+    keep_data: str | None = option(
+        None,
+        group="schedule",
+        resume="refuse",
+        help="Labelled folder of objects SAM should keep segmenting under prompts (retention's keep set); unset: "
+        "the generic keep set of convlora-tiny, none for other bases.",
+    )
+    keep_images: int = option(
+        32, group="schedule", resume="refuse", help="Most keep-set images (and validation images) retention prompts."
+    )
+    select: str = option(
+        "best",
+        group="schedule",
+        choices=SELECT_RULES,
+        help="Which evaluation's model is kept: best (target metric), retention (best metric with retention >= "
+        "min_retention, else the highest retention) or weighted (retention_weight).",
+    )
+    min_retention: float = option(
+        0.95, group="schedule", help="Least retention a checkpoint needs under select retention."
+    )
+    retention_weight: float = option(
+        0.5, group="schedule", help="w of select weighted: (1 - w) x metric + w x retention picks the checkpoint."
+    )
     output_dir: str = option("runs/run", group="checkpoints", resume="ignore", help="The run folder.")
     resume: str | None = option(
         None, group="checkpoints", resume="ignore", help="Continue a run: latest, or a checkpoint folder."
@@ -318,7 +387,15 @@ class TrainConfig:
         self.prompting = dataclasses.replace(self.prompting, kind=self.prompt)
         if not self.data:
             raise ValueError("data is required: a dataset folder or a CSV file of image,mask paths")
-        for name in ("epochs", "batch_size", "grad_accum", "eval_every_epochs", "keep_checkpoints", "log_every_steps"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "grad_accum",
+            "eval_every_epochs",
+            "keep_checkpoints",
+            "log_every_steps",
+            "embedding_cache_mib",
+        ):
             _positive(name, getattr(self, name))
         for name in ("num_workers", "save_every_steps", "overlay_samples"):
             if getattr(self, name) < 0:
@@ -354,8 +431,54 @@ class TrainConfig:
             changed = [k for k, v in _resolved("prompting", self.prompting).items() if v != default[k]]
             raise ValueError(f"prompting settings {changed} need a prompt kind (--prompt box, ...)")
         self.image_reading()
+        self._check_retention()
+        if self.mode == "instances":
+            self._check_instances()
         if self.mask_reading == "instances" and (self.mode == "multiclass" or (self.num_classes or 2) != 2):
             raise ValueError("mask_reading 'instances' makes a binary task (nonzero = foreground); mode must be binary")
+
+    def _check_retention(self) -> None:
+        """The retention, selection and joint-training settings, each refused by name."""
+        if self.keep_images < 1:
+            raise ValueError(f"keep_images must be >= 1, got {self.keep_images}")
+        if self.min_retention < 0:
+            raise ValueError(f"min_retention must be >= 0, got {self.min_retention}")
+        for name in ("retention_weight", "joint_prompted"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.retention == "off" and self.keep_data is not None:
+            raise ValueError(
+                "keep_data is measured only with retention on or auto; drop --keep_data or --retention off"
+            )
+        if self.retention == "off" and self.select != "best":
+            raise ValueError(f"select={self.select!r} weighs retention, which --retention off does not measure")
+        if self.joint_prompted > 0 and self.prompt != "none":
+            raise ValueError(
+                f"joint_prompted mixes prompted steps into prompt-free training; with prompt={self.prompt!r} every "
+                "step is prompted already (drop one of them)"
+            )
+        if self.joint_prompted > 0 and self.mode in ("multiclass", "instances"):
+            raise ValueError(
+                f"joint_prompted trains SAM's own prompted decoder on binary objects; mode {self.mode!r} has no "
+                "promptable model to keep"
+            )
+
+    def _check_instances(self) -> None:
+        """The settings ``mode="instances"`` cannot take, each refused by name."""
+        if self.instance_channels < 4 or self.instance_channels % 4:
+            raise ValueError(f"instance_channels must be a positive multiple of 4, got {self.instance_channels}")
+        if self.instance_image_channels < 0:
+            raise ValueError(f"instance_image_channels must be >= 0, got {self.instance_image_channels}")
+        if self.prompt != "none":
+            raise ValueError(
+                f"prompt={self.prompt!r}: --mode instances trains its instance decoder prompt-free; drop --prompt"
+            )
+        if self.loss is not None:
+            raise ValueError(f"loss={self.loss!r}: --mode instances has its own loss (instance_loss); drop --loss")
+        if self.num_classes not in (None, 2):
+            raise ValueError(f"num_classes={self.num_classes}: --mode instances segments objects of one kind")
+        if self.mask_reading == "classes":
+            raise ValueError("mask_reading 'classes' contradicts --mode instances (masks hold one id per object)")
 
     def augment_config(self) -> AugmentConfig:
         """The same as ``augment``; kept for callers written when it was a mapping."""

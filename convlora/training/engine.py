@@ -7,7 +7,8 @@ bitwise identically (on CPU) and evaluation is exact under any number of process
 
 What a run writes to ``output_dir``: ``config.json`` (resolved settings), ``checkpoints/`` (resumable,
 rotated), ``adapter/`` (the best model's artifact + model card), ``metrics.json``, ``logs/`` (TensorBoard),
-``curves.png`` and ``val_overlays.png``.
+``curves.png`` and ``val_overlays.png``; ``embedding_cache/`` when a frozen image encoder's outputs are cached
+on disk (:mod:`convlora.training.embedding_cache`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,13 @@ from ..artifact import TaskInfo, apply_task_settings, continue_from_export, expo
 from ..artifact.methods import METHODS, build_task_model
 from ..artifact.peft_methods import PEFT_METHODS, ignored_settings, reads
 from ..data import build_datasets
+from ..data.prompts import MIXED_KINDS
 from ..evaluation.evaluate import evaluate_split
-from ..evaluation.metrics import default_metric, is_better
+from ..evaluation.metrics import default_metric
 from ..evaluation.prompted import evaluate_prompted
+from ..instances.evaluate import evaluate_instance_split
+from ..instances.model import InstanceSettings
+from ..instances.step import InstanceStep
 from ..models import count_parameters, family_of, load_sam, segmentation_logits
 from ..models.family import enable_gradient_checkpointing
 from ..tuner.moe import moe_aux_loss
@@ -49,10 +54,18 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, apply_resumed_settings, resolve_defaults, resume_config
+from .embedding_cache import CACHE_FOLDER, EmbeddingCache, plan_embedding_cache
 from .losses import build_loss
 from .progress import Progress
-from .prompted import PromptedStep, prepare_prompted_model
+from .prompted import JointStep, PromptedStep, joint_prompted_step, prepare_prompted_model
 from .report import model_card, plot_curves, save_overlay_grid
+from .retention_monitor import (
+    RetentionMonitor,
+    check_keep_data,
+    select_checkpoint,
+    selection_record,
+    start_retention,
+)
 
 
 class TrainingError(RuntimeError):
@@ -76,6 +89,7 @@ class TrainResult:
         trainable_parameters: parameters that were trained.
         wall_time: seconds, resumed parts included.
         stopped_early: whether early stopping ended the run.
+        selection: which evaluation's model was kept and why (``TrainConfig.select``; see ``metrics.json``).
     """
 
     run_dir: Path
@@ -90,6 +104,7 @@ class TrainResult:
     trainable_parameters: int = 0
     wall_time: float = 0.0
     stopped_early: bool = False
+    selection: dict[str, Any] = field(default_factory=dict)
 
 
 class TrainStep(nn.Module):
@@ -187,6 +202,7 @@ class TrainState:
         loss_window: running sums of the log window in progress (so that a resumed run logs the same means).
         elapsed: seconds of training before this process started (resumed runs).
         scheduler: the learning-rate scheduler's state.
+        step_kinds: optimiser steps of each kind (``prompt_free``, ``prompted``) of a joint run (``joint_prompted``).
     """
 
     metric: str
@@ -200,6 +216,7 @@ class TrainState:
     loss_window: dict[str, float] = field(default_factory=lambda: dict(_EMPTY_WINDOW))
     elapsed: float = 0.0
     scheduler: dict[str, Any] = field(default_factory=dict)
+    step_kinds: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.best = {"metric": self.metric, "value": None, "epoch": None, "step": None, **self.best}
@@ -248,6 +265,11 @@ class Run:
     prompt: Any = None
     bar: Any = None
     stopped_early: bool = False
+    cache: EmbeddingCache | None = None
+    cache_reason: str | None = None
+    epoch_seconds: list[dict[str, Any]] = field(default_factory=list)
+    retention: RetentionMonitor | None = None
+    retention_note: str | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -270,10 +292,17 @@ class Run:
     def elapsed(self) -> float:
         return self.state.elapsed + time.time() - self.started
 
+    def cached(self, split: str) -> Any:
+        """A block in which the image encoder's outputs come from the embedding cache, when the run has one."""
+        return self.cache.use(split) if self.cache is not None else contextlib.nullcontext()
+
     def evaluate(self, model: nn.Module, dataset: Any) -> dict[str, float]:
         """Metrics on a split: prompt-free, or under prompts derived from its masks (fixed seed) when prompted."""
         if self.prompt is not None and self.prompt.prompted:
             return evaluate_prompted(model, dataset, self.prompt, accelerator=self.accelerator)
+        if self.task.mode == "instances":
+            settings = InstanceSettings.from_dict(self.task.instance_head)
+            return evaluate_instance_split(model, dataset, settings, self.accelerator, self.config.batch_size)
         return evaluate_split(model, dataset, self.data, self.accelerator, batch_size=self.config.batch_size)
 
 
@@ -291,7 +320,10 @@ def train(config: TrainConfig, *, show_progress: bool = True, given: frozenset[s
     """
     run_dir = Path(config.output_dir)
     check_apart(
-        run_dir, {"data": config.data, "model": config.model, "init_adapter": config.init_adapter}, option="output_dir"
+        run_dir,
+        {"data": config.data, "model": config.model, "init_adapter": config.init_adapter}
+        | {"keep_data": config.keep_data},
+        option="output_dir",
     )
     check_owned(run_dir, "run", option="output_dir")  # in every process, before any writes: the same refusal
     with contextlib.ExitStack() as claimed:
@@ -355,6 +387,7 @@ def _start(config: TrainConfig, accelerator: Any, show_progress: bool, given: fr
         config, changed = resume_config(saved, config, given)
         notes += [f"resume applies {change}" for change in changed]
     set_seed(config.seed)
+    check_keep_data(config.keep_data)
 
     data = build_datasets(config)
     base = load_sam(config.model, image_size=config.image_size)
@@ -365,8 +398,15 @@ def _start(config: TrainConfig, accelerator: Any, show_progress: bool, given: fr
             f"prompt={config.prompt!r}: prompted training takes binary or instance masks; {config.data} is multi-class "
             "(train it prompt-free, or give one object class per dataset)"
         )
+    # joint training mixes prompted steps (any of box, point, box + point) into prompt-free ones
+    joint = replace(prompt, kind="mixed") if config.joint_prompted > 0 else None
+    if joint is not None and data.mode != "binary":
+        raise ValueError(
+            f"joint_prompted={config.joint_prompted:g}: prompted steps train SAM's own decoder on binary objects; "
+            f"{config.data} is {data.mode} (drop joint_prompted)"
+        )
     # prompted, SAM's IoU head learns the IoU of each prompted mask, so it stays trainable
-    freeze_iou_head = config.freeze_iou_head and not prompt.prompted
+    freeze_iou_head = config.freeze_iou_head and not prompt.prompted and joint is None
     notes += defaults
     family = family_of(base)
     image_size = family.image_size(base)
@@ -379,9 +419,13 @@ def _start(config: TrainConfig, accelerator: Any, show_progress: bool, given: fr
         method=config.method,
         image_reading=data.image_reading,
         prompt=prompt.kind,
+        instance_head={"hidden_channels": config.instance_channels} if data.mode == "instances" else None,
     )
     apply_task_settings(base, task)  # evaluate on the mask token that training uses (SAM 2 / SAM 3)
     data.set_image_size(image_size, family.input_format)
+    # the base is scored on its keep sets before the method's adapters go into it
+    retention, retention_note = start_retention(config, task.mode, base, data.val, accelerator)
+    notes.append(retention_note)
     adapter_config = config.conv_lora.build() if METHODS[config.method].uses_adapter else None
     if config.init_adapter is not None:
         model = continue_from_export(
@@ -399,8 +443,8 @@ def _start(config: TrainConfig, accelerator: Any, show_progress: bool, given: fr
             f"conv_lora.{key} is not read by method {config.method} (it reads {', '.join(reads(config.method))})"
             for key in ignored_settings(config.method, config.conv_lora.to_dict())
         ]
-    if prompt.prompted:
-        prepare_prompted_model(model, prompt)
+    if prompt.prompted or joint is not None:
+        prepare_prompted_model(model, joint or prompt)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -429,9 +473,20 @@ def _start(config: TrainConfig, accelerator: Any, show_progress: bool, given: fr
 
     if prompt.prompted:
         step_module: nn.Module = PromptedStep(model, prompt, seed=config.seed)
+    elif task.mode == "instances":
+        step_module = InstanceStep(model)
     else:
         step_module = TrainStep(model, build_loss(config.loss, task.mode))
+    if joint is not None:
+        step_module = JointStep(step_module, PromptedStep(model, joint, seed=config.seed))
+        notes.append(
+            f"joint training: about {config.joint_prompted:.0%} of the steps are prompted ({', '.join(MIXED_KINDS)} "
+            "drawn from the training objects), the rest prompt-free"
+        )
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
+    cache, cache_reason = _embedding_cache(config, model, data, image_size)
+    notes += [cache_reason] if cache_reason else []
+    notes += [cache.describe()] if cache is not None else []
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", config.to_dict())
@@ -462,7 +517,33 @@ def _start(config: TrainConfig, accelerator: Any, show_progress: bool, given: fr
         started=started,
         prompt=prompt,
         bar=bar,
+        cache=cache,
+        cache_reason=cache_reason,
+        retention=retention,
+        retention_note=retention_note,
     )
+
+
+def _embedding_cache(
+    config: TrainConfig, model: nn.Module, data: Any, image_size: int
+) -> tuple[EmbeddingCache | None, str | None]:
+    """The run's embedding cache (``None`` where it is not valid or is off) and the line saying why not."""
+    plan = plan_embedding_cache(model, config.embedding_cache, config.augment)
+    if not plan.use:
+        return None, plan.reason
+    cache = EmbeddingCache(
+        model,
+        config.embedding_cache,
+        train=plan.train,
+        expected_images=(len(data.train) if plan.train else 0) + len(data.val),
+        folder=Path(config.output_dir) / CACHE_FOLDER,
+        budget_mib=config.embedding_cache_mib,
+        base=config.model,
+    )
+    try:
+        return cache.attach(image_size), plan.reason
+    except ValueError as error:
+        return None, f"embedding cache: off: {error}"
 
 
 def _train_epoch(run: Run) -> None:
@@ -484,12 +565,19 @@ def _train_epoch(run: Run) -> None:
     group: list[dict[str, Any]] = []
     remaining = run.batches_per_epoch - skip
     window_start, window_images = time.time(), 0
+    epoch_start = time.perf_counter()
     for batch in loader:
         group.append(batch)
         remaining -= 1
         if len(group) < config.grad_accum and remaining > 0:
             continue
-        losses = _optimizer_step(accelerator, run.step_module, run.optimizer, group, config.grad_clip, run.trainable)
+        kind = {}
+        if config.joint_prompted > 0:  # every process and micro-batch of the step agree
+            kind = {"prompted": joint_prompted_step(state.global_step + 1, config.joint_prompted, config.seed)}
+        with run.cached("train"):
+            losses = _optimizer_step(
+                accelerator, run.step_module, run.optimizer, group, config.grad_clip, run.trainable, kind
+            )
         if not math.isfinite(losses["loss"]):
             raise TrainingError(
                 f"non-finite loss ({losses['loss']}) at step {state.global_step + 1} (epoch {epoch}); "
@@ -498,6 +586,9 @@ def _train_epoch(run: Run) -> None:
         run.scheduler.step()
         state.global_step += 1
         state.batches_done += len(group)
+        if kind:
+            name = "prompted" if kind["prompted"] else "prompt_free"
+            state.step_kinds[name] = state.step_kinds.get(name, 0) + 1
         window_images += sum(len(b["pixel_values"]) for b in group) * world
         group = []
         state.add_losses(losses, config.log_every_steps, run.total_steps)
@@ -513,12 +604,15 @@ def _train_epoch(run: Run) -> None:
         if step >= run.total_steps:
             break
     done = state.global_step >= run.total_steps
+    trained, batches = time.perf_counter() - epoch_start, state.batches_done - skip
     if state.batches_done >= run.batches_per_epoch or done:
         if (epoch + 1) % config.eval_every_epochs == 0 or done or epoch + 1 == config.epochs:
             _evaluate_and_keep_best(run, epoch)
         state.epoch = epoch + 1
         state.batches_done = 0
         _save_snapshot(run)
+    seconds = {"train_seconds": round(trained, 4), "seconds": round(time.perf_counter() - epoch_start, 4)}
+    run.epoch_seconds.append({"epoch": epoch, "batches": batches, **seconds})
 
 
 def _save_snapshot(run: Run) -> None:
@@ -543,21 +637,33 @@ def _save_snapshot(run: Run) -> None:
 
 
 def _evaluate_and_keep_best(run: Run, epoch: int) -> None:
-    """Validation metrics; the model is exported to ``adapter/`` whenever the metric improves."""
+    """Validation metrics (and retention); the model is exported to ``adapter/`` whenever the rule chooses it.
+
+    The rule (``config.select``) looks at the whole history; a new evaluation either becomes the choice or
+    leaves it where it was, so the exported model is always the chosen evaluation's.
+    """
     config, state, accelerator = run.config, run.state, run.accelerator
     model = run.model
-    scores = run.evaluate(model, run.data.val)
-    state.history.append({"epoch": epoch, "step": state.global_step, **scores})
+    with run.cached("val"):
+        scores = run.evaluate(model, run.data.val)
     value = scores.get(state.metric)
     if value is None:
         raise ValueError(f"metric {state.metric!r} is not computed for this task; available: {sorted(scores)}")
-    if is_better(state.metric, value, state.best["value"]):
+    kept = run.retention.measure(model, accelerator) if run.retention is not None else {}
+    state.history.append({"epoch": epoch, "step": state.global_step, **scores, **kept})
+    choice = select_checkpoint(
+        state.history, state.metric, config.select, config.min_retention, config.retention_weight
+    )
+    if choice is not None and choice.index == len(state.history) - 1:
         state.best.update(value=value, epoch=epoch, step=state.global_step)
+        if kept:
+            state.best["retention"] = kept["retention"]
         state.evals_without_improvement = 0
         if accelerator.is_main_process:
-            run.task.metrics = {"val": scores, "best_epoch": epoch}
+            run.task.metrics = {"val": scores, "best_epoch": epoch} | ({"retention": kept} if kept else {})
+            card = model_card(run.task, config, scores, retention=kept, selection=choice.reason)
             try:
-                export_trained(model, run.task, run.adapter_dir, model_card(run.task, config, scores))
+                export_trained(model, run.task, run.adapter_dir, card)
             except OSError as error:
                 raise TrainingError(
                     f"could not save the best model of epoch {epoch}: {error}; {run.last_good()}. "
@@ -566,8 +672,9 @@ def _evaluate_and_keep_best(run: Run, epoch: int) -> None:
     else:
         state.evals_without_improvement += 1
     if accelerator.is_main_process:
-        accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=state.global_step)
-        _message(run, f"epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+        accelerator.log({f"val/{k}": v for k, v in (scores | kept).items()}, step=state.global_step)
+        shown = scores | {k: v for k, v in kept.items() if "/" not in k}  # the means; per protocol in logs/
+        _message(run, f"epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
     patience = config.early_stopping_patience
     if patience is not None and state.evals_without_improvement >= patience:
         run.stopped_early = True
@@ -593,6 +700,10 @@ def _finish(run: Run) -> TrainResult:
             save_overlay_grid(best_model, data.val, run.run_dir / "val_overlays.png", config.overlay_samples)
     wall = run.elapsed()
     trainable_count = count_parameters(run.model, trainable_only=True)
+    choice = select_checkpoint(
+        state.history, state.metric, config.select, config.min_retention, config.retention_weight
+    )
+    selection = selection_record(choice, config, state.metric)
     result = TrainResult(
         run_dir=run.run_dir,
         adapter_dir=run.adapter_dir,
@@ -606,6 +717,7 @@ def _finish(run: Run) -> TrainResult:
         trainable_parameters=trainable_count,
         wall_time=wall,
         stopped_early=run.stopped_early,
+        selection=selection,
     )
     if accelerator.is_main_process:
         write_json(
@@ -620,11 +732,25 @@ def _finish(run: Run) -> TrainResult:
                 "wall_time_seconds": round(wall, 1),
                 "stopped_early": run.stopped_early,
                 "task": run.task.to_dict(),
+                "embedding_cache": _cache_summary(run),
+                "epoch_seconds": run.epoch_seconds,
+                "selection": selection,
+                "retention": run.retention.summary() if run.retention is not None else {"reason": run.retention_note},
+                "step_kinds": state.step_kinds,
             },
         )
-        plot_curves(state.to_dict(), run.run_dir / "curves.png")
+        plot_curves(state.to_dict() | {"selection": selection}, run.run_dir / "curves.png")
         print(summary(result))
+    if run.cache is not None:
+        run.cache.detach()
     return result
+
+
+def _cache_summary(run: Run) -> dict[str, Any]:
+    """What ``metrics.json`` records of the embedding cache: what it held and did, or why it was not used."""
+    if run.cache is None:
+        return {"mode": "off", "reason": run.cache_reason}
+    return {**run.cache.summary(), "reason": run.cache_reason}
 
 
 def _optimizer_step(
@@ -634,8 +760,12 @@ def _optimizer_step(
     group: list[dict[str, Any]],
     grad_clip: float,
     parameters: list[torch.nn.Parameter],
+    step_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Accumulate gradients over the micro-batches of ``group`` and take one optimiser step."""
+    """Accumulate gradients over the micro-batches of ``group`` and take one optimiser step.
+
+    ``step_kwargs`` go to every forward of the step module (a joint run's ``prompted``).
+    """
     totals = {"loss": 0.0, "task": 0.0, "aux": 0.0}
     for index, batch in enumerate(group):
         pixel_values = batch["pixel_values"].to(accelerator.device)
@@ -643,7 +773,7 @@ def _optimizer_step(
         last = index == len(group) - 1
         context = accelerator.no_sync(step_module) if not last else contextlib.nullcontext()
         with context, accelerator.autocast():
-            out = step_module(pixel_values, labels)
+            out = step_module(pixel_values, labels, **(step_kwargs or {}))
             accelerator.backward(out["loss"] / len(group))
         for key in totals:
             totals[key] += float(out[key].detach()) / len(group)
@@ -680,10 +810,13 @@ def summary(result: TrainResult) -> str:
     lines = [
         f"Finished {result.steps} steps in {result.wall_time / 60:.1f} min "
         f"({result.trainable_parameters:,} trainable parameters, method {result.task.method}).",
-        f"Best {result.metric}: {result.best_value:.4f} (epoch {result.best_epoch})"
+        f"{'Best' if result.selection.get('rule', 'best') == 'best' else 'Kept'} {result.metric}: "
+        f"{result.best_value:.4f} (epoch {result.best_epoch})"
         if result.best_value is not None
         else "No evaluation was run.",
     ]
+    if result.selection.get("epoch") is not None:
+        lines.append(f"Kept (select {result.selection['rule']}): {result.selection['reason']}")
     if result.test_metrics:
         lines.append("Test: " + ", ".join(f"{k}={v:.4f}" for k, v in result.test_metrics.items()))
     lines.append(f"Model: {result.adapter_dir}  (load it with convlora.load_trained)")
