@@ -65,7 +65,7 @@ def test_train_help_lists_every_field_with_its_type_default_and_help_grouped_in_
         assert section == f.metadata["group"], f.name
     assert re.search(r"--lr NUMBER +Peak learning rate", text)
     assert re.search(r"--epochs INT +Passes over the training set\. \(default: 10\)", text)
-    assert "--mode {auto,binary,multiclass}" in text and "--conv_lora JSON" in text
+    assert "--mode {auto,binary,multiclass,instances}" in text and "--conv_lora JSON" in text
     assert "(default: unset)" in flat and "(default: true)" in flat and "(required)" in flat
 
 
@@ -85,7 +85,8 @@ def test_an_abbreviated_or_unknown_key_is_refused_not_guessed():
 
 
 def test_choices_declared_in_the_metadata_are_validated():
-    with pytest.raises(ValueError, match=r"mode must be one of \['auto', 'binary', 'multiclass'\], got 'bin'"):
+    modes = r"\['auto', 'binary', 'multiclass', 'instances'\]"
+    with pytest.raises(ValueError, match=rf"mode must be one of {modes}, got 'bin'"):
         parse_train(["--data", "d", "--mode", "bin"])
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         parse_train(["--data", "d", "--mixed_precision", "fp8"])

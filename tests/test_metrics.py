@@ -349,11 +349,20 @@ def test_main_metric_of_every_task_family_is_computed_and_has_a_direction():
     multiclass = MulticlassMetrics(3)
     multiclass.update(torch.tensor([[[0, 1, 2]]]), torch.tensor([[[0, 1, 2]]]))
     multiclass_keys = set(multiclass.compute())
+    from convlora.evaluation.instances import instance_scores
+
+    ids = np.zeros((4, 4), np.int32)
+    ids[:2, :2] = 1
+    instance_keys = set(instance_scores(ids, ids))
+    instance_keys |= {f"{key}_pooled" for key in instance_keys} | {"count_error_abs"}  # over a dataset
+    keys = {"multiclass": multiclass_keys, "instances": instance_keys}
     for task, metric in MAIN_METRICS.items():
-        assert metric.name in (multiclass_keys if task == "multiclass" else binary_keys), task
+        assert metric.name in keys.get(task, binary_keys), task
         assert HIGHER_IS_BETTER[metric.name] == metric.higher_is_better, task
     prompted = {"object_iou", "object_dice"}  # computed by prompted evaluation (convlora.training.prompted)
-    assert binary_keys | {"miou", "pixel_accuracy", "mean_accuracy"} | prompted == set(HIGHER_IS_BETTER)
+    ranked = set(HIGHER_IS_BETTER) - binary_keys - {"miou", "pixel_accuracy", "mean_accuracy"} - prompted
+    assert binary_keys | {"miou", "pixel_accuracy", "mean_accuracy"} | prompted <= set(HIGHER_IS_BETTER)
+    assert ranked and ranked <= instance_keys, ranked - instance_keys
     assert main_metric("shadow").name == "ber" and not main_metric("shadow").higher_is_better
     assert main_metric("polyp").name == "s_measure"
 

@@ -319,8 +319,8 @@ def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_check
 def test_weights_that_turn_non_finite_are_never_checkpointed(workspace, monkeypatch):
     real_step, calls = ENGINE._optimizer_step, []
 
-    def step(accelerator, module, optimizer, group, grad_clip, parameters):
-        losses = real_step(accelerator, module, optimizer, group, grad_clip, parameters)
+    def step(accelerator, module, optimizer, group, grad_clip, parameters, *rest):
+        losses = real_step(accelerator, module, optimizer, group, grad_clip, parameters, *rest)
         calls.append(1)
         if len(calls) == 3:
             with torch.no_grad():
