@@ -198,6 +198,31 @@ def training_run(spec: dict[str, Any], method: str, device: torch.device, dtype:
     }
 
 
+def _memory_baselines(device: torch.device) -> tuple[int | None, int | None]:
+    """``VmRSS`` and ``RssFile`` now (CUDA: the peak statistics reset), for :func:`_peak_since`."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return _rss_bytes("VmRSS"), _rss_bytes("RssFile")
+
+
+def _peak_since(
+    baseline: int | None, baseline_code: int | None, device: torch.device
+) -> tuple[int | None, str, int | None]:
+    """Peak memory since :func:`_memory_baselines`, how it was measured, and the library code paged in meanwhile.
+
+    On the CPU the peak is ``VmHWM`` less ``VmRSS`` at the baseline, less the growth of ``RssFile`` (library code
+    paged in by the first calls: not the measured work's memory), which is returned as the third value.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated", None
+    hwm, code_now = _peak_rss_bytes(), _rss_bytes("RssFile")
+    peak = hwm - baseline if hwm is not None and baseline is not None else None
+    if peak is None or code_now is None or baseline_code is None:
+        return peak, "VmHWM - VmRSS after imports", None
+    code = code_now - baseline_code
+    return peak - code, "VmHWM - VmRSS after imports - code paged in (RssFile growth)", code
+
+
 def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
     """Time optimiser steps of one method and report step time, peak memory, parameters and artifact size.
 
@@ -209,9 +234,7 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
 
     device = pick_device(spec.get("device", "auto"))
     dtype = pick_dtype(spec.get("precision", "auto"), device)
-    baseline, baseline_code = _rss_bytes("VmRSS"), _rss_bytes("RssFile")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    baseline, baseline_code = _memory_baselines(device)
     load_before = load_average()
     method = spec["method"]
     run = training_run(spec, method, device, dtype)
@@ -219,16 +242,7 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
     times = [run["step"]() for _ in range(int(spec["warmup_steps"]) + int(spec["timed_steps"]))]
     times = times[int(spec["warmup_steps"]) :]
 
-    code = None
-    if device.type == "cuda":
-        peak, memory_source = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
-    else:
-        hwm, code_now = _peak_rss_bytes(), _rss_bytes("RssFile")
-        peak = hwm - baseline if hwm is not None and baseline is not None else None
-        memory_source = "VmHWM - VmRSS after imports"
-        if peak is not None and code_now is not None and baseline_code is not None:
-            code = code_now - baseline_code  # library code paged in by the steps: not the method's memory
-            peak, memory_source = peak - code, "VmHWM - VmRSS after imports - code paged in (RssFile growth)"
+    peak, memory_source, code = _peak_since(baseline, baseline_code, device)
     load_after = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         artifact = export_trained(model.eval(), task, Path(tmp) / "artifact")
@@ -398,17 +412,6 @@ def measure_latency(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _peak_since(baseline: int | None, baseline_code: int | None, device: torch.device) -> tuple[int | None, str]:
-    """Peak memory since the baselines were read (see :func:`measure_training`) and how it was measured."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
-    hwm, code_now = _peak_rss_bytes(), _rss_bytes("RssFile")
-    peak = hwm - baseline if hwm is not None and baseline is not None else None
-    if peak is None or code_now is None or baseline_code is None:
-        return peak, "VmHWM - VmRSS after imports"
-    return peak - (code_now - baseline_code), "VmHWM - VmRSS after imports - code paged in (RssFile growth)"
-
-
 def _inference_model(spec: dict[str, Any], device: torch.device) -> tuple[nn.Module, int]:
     """The model a prediction of ``spec["method"]`` runs: the base, or LoRA / Conv-LoRA merged into it."""
     from ..models import apply_conv_lora
@@ -430,9 +433,7 @@ def _prediction_start(spec: dict[str, Any]) -> dict[str, Any]:
     """Device, precision, memory baselines and the model of a prediction measurement, in that order."""
     device = pick_device(spec.get("device", "auto"))
     dtype = pick_dtype(spec.get("precision", "auto"), device)
-    baseline, baseline_code = _rss_bytes("VmRSS"), _rss_bytes("RssFile")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    baseline, baseline_code = _memory_baselines(device)
     load_before = load_average()
     model, size = _inference_model(spec, device)
     return {"device": device, "dtype": dtype, "baseline": baseline, "baseline_code": baseline_code,
@@ -442,7 +443,7 @@ def _prediction_start(spec: dict[str, Any]) -> dict[str, Any]:
 def _prediction_record(start: dict[str, Any], spec: dict[str, Any], **values: Any) -> dict[str, Any]:
     """The result of a prediction measurement: ``values`` plus peak memory, machine settings and load."""
     device = start["device"]
-    peak, source = _peak_since(start["baseline"], start["baseline_code"], device)
+    peak, source, _ = _peak_since(start["baseline"], start["baseline_code"], device)
     return {
         "task": values.pop("task"),
         "method": spec["method"],
