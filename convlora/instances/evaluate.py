@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ..evaluation import InstanceMetrics
+from ..evaluation.evaluate import reduced, shard_loader
 from ..models.processing import IGNORE_INDEX
 from .decoder import ids_from_logits
 from .model import InstanceSettings, instance_logits
@@ -46,11 +46,8 @@ def evaluate_instance_split(
     settings = settings or InstanceSettings()
     was_training = model.training
     model.eval()
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    loader, device = shard_loader(dataset, model, accelerator, batch_size)
     metrics = InstanceMetrics()
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=list(range(rank, len(dataset), world)), num_workers=0)
     for batch in loader:
         with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
             logits = instance_logits(model, batch["pixel_values"].to(device)).float().cpu()
@@ -60,9 +57,6 @@ def evaluate_instance_split(
             truth = dataset.original_mask(index)
             ignore = truth == IGNORE_INDEX
             metrics.update(np.where(ignore, 0, truth), predicted, ignore=ignore)
-    state = metrics.state()
-    if accelerator is not None and world > 1:
-        state = {k: accelerator.reduce(v.to(device), reduction="sum").cpu() for k, v in state.items()}
-        metrics.load_state(state)
+    scores = reduced(metrics, accelerator, device)
     model.train(was_training)
-    return metrics.compute()
+    return scores
