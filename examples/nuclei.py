@@ -37,11 +37,11 @@ from convlora.synthetic import write_dataset
 AMG = AmgConfig(points_per_side=32, pred_iou_thresh=0.7, stability_score_thresh=0.9)
 
 
-def fine_tune(data: Path, output: Path, mode: str, args: argparse.Namespace) -> Path:
+def fine_tune(data: Path, output: Path, mode: str, lr: float | None, args: argparse.Namespace) -> Path:
     """One Conv-LoRA run on ``data`` in ``mode``; returns its exported model folder."""
     config = load_config(
         data=str(data), model=args.model, mode=mode, method="conv_lora", output_dir=str(output / mode),
-        epochs=args.epochs, batch_size=4, lr=args.lr, augment={"hflip": 0.5, "vflip": 0.5}, overlay_samples=0,
+        epochs=args.epochs, batch_size=4, lr=lr, augment={"hflip": 0.5, "vflip": 0.5}, overlay_samples=0,
         seed=args.seed,
     )  # fmt: skip
     return train(config, show_progress=False).adapter_dir
@@ -66,8 +66,11 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--model", default="convlora-tiny", help="SAM checkpoint (default: the embedded base)")
     parser.add_argument("--output-dir", default="runs/nuclei", help="run folders and comparison.json")
     parser.add_argument("--synthetic-dir", default="data/nuclei", help="where generated data goes")
-    parser.add_argument("--epochs", type=int, default=12, help="epochs of each fine-tune")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--epochs", type=int, default=24, help="epochs of each fine-tune")
+    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate of the instance fine-tune")
+    parser.add_argument(
+        "--binary-lr", type=float, default=None, help="peak learning rate of the binary one (default: the base's)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the runs")
     parser.add_argument("--quick", action="store_true", help="a tiny budget (tests, smoke runs)")
     args = parser.parse_args(argv)
@@ -80,8 +83,8 @@ def main(argv: list[str]) -> dict:
         data = write_dataset("nuclei", args.synthetic_dir, seed=args.seed, size=128, **sizes)
     output = Path(args.output_dir)
 
-    instance_model = Segmenter.from_pretrained(fine_tune(data, output, "instances", args))
-    binary_model = Segmenter.from_pretrained(fine_tune(data, output, "binary", args))
+    instance_model = Segmenter.from_pretrained(fine_tune(data, output, "instances", args.lr, args))
+    binary_model = Segmenter.from_pretrained(fine_tune(data, output, "binary", args.binary_lr, args))
     base = Segmenter.from_pretrained(args.model)
     report = check_dataset(data, mode="binary", num_classes=2, reading=instance_model.task.image_reading)
     samples = [s for s in report.usable_samples("test" if "test" in report.samples else None) if s.mask]

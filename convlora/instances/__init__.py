@@ -5,7 +5,7 @@ Below the training engine: it needs a model and :mod:`convlora.prompting`, nothi
 
 from .ais import ais_from_logits, instance_map_logits, objects_from_ids
 from .amg import AmgConfig, GeneratedMasks, generate_masks, nms
-from .apg import apg, refine_objects, resolve_overlaps, seed_prompts
+from .apg import refine_objects, resolve_overlaps, seed_prompts
 from .decoder import InstanceHead, ids_from_logits, ids_from_maps, instance_loss
 from .model import InstanceSettings, has_instance_head, install_instance_head, instance_logits
 from .targets import instance_targets, target_weight
@@ -17,7 +17,6 @@ __all__ = [
     "InstanceHead",
     "InstanceSettings",
     "ais_from_logits",
-    "apg",
     "generate_masks",
     "has_instance_head",
     "ids_from_logits",
