@@ -35,11 +35,10 @@ from .artifact.folder import write_weights
 from .artifact.methods import METHODS
 from .artifact.strength import set_strength
 from .data import ImageReading, SegmentationDataset, check_dataset, read_image, read_image_size, to_rgb8
-from .data.decode import read_mask
 from .data.prompt_files import PROMPT_KEYS, build_prompts, load_prompts
-from .data.prompts import IGNORE_INDEX, PAD_LABEL, PromptConfig
+from .data.prompts import PAD_LABEL, PromptConfig
 from .evaluation.evaluate import evaluate_split
-from .evaluation.instances import InstanceMetrics
+from .evaluation.instance_files import score_instance_files
 from .evaluation.metrics import build_metrics
 from .evaluation.prompted import evaluate_prompted
 from .instances import AmgConfig, GeneratedMasks, generate_masks
@@ -622,22 +621,11 @@ def evaluate_instances(
     report = check_dataset(data, mode="binary", num_classes=2, reading=segmenter.task.image_reading)
     split = "test" if "test" in report.samples else None
     samples = [s for s in report.usable_samples(split) if s.mask is not None]
-    truths = []
-    for sample in samples:
-        stored = read_mask(sample.mask)
-        ignore = stored == IGNORE_INDEX if stored.dtype == np.uint8 else np.zeros(stored.shape, bool)
-        truths.append((np.where(ignore, 0, stored).astype(np.int64), ignore))
-    if truths and max(len(np.unique(truth[truth > 0])) for truth, _ in truths) <= 1:
-        raise ValueError(
-            f"{data}: every mask holds at most one object id (binary masks?); instance metrics need masks with one "
-            "id per object (16-bit PNG/TIFF label images); score binary masks without --instances"
-        )
-    metrics = InstanceMetrics()
-    for sample, (truth, ignore) in zip(samples, truths, strict=True):
-        image = read_image(sample.image, segmenter.task.image_reading)
-        predicted, _ = segmenter.predict_instances(image, method, amg, tile=tile, overlap=overlap)
-        metrics.update(truth, predicted, ignore=ignore)
-    return {"images": len(samples), **metrics.compute()}
+
+    def segment(image: np.ndarray) -> np.ndarray:
+        return segmenter.predict_instances(image, method, amg, tile=tile, overlap=overlap)[0]
+
+    return score_instance_files(segment, samples, segmenter.task.image_reading, where=data)
 
 
 def _draw_prompts(image: np.ndarray, ids: np.ndarray, prompts: Any) -> np.ndarray:

@@ -20,15 +20,13 @@ Outputs go to runs/nuclei (--output-dir): the two runs and comparison.json.
 
 import argparse
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 from convlora import Segmenter, load_config, train
 from convlora._io import write_json
-from convlora.data import check_dataset, read_image, read_mask
-from convlora.evaluation import InstanceMetrics, connected_components
+from convlora.data import check_dataset
+from convlora.evaluation import connected_components
+from convlora.evaluation.instance_files import score_instance_files
 from convlora.instances import AmgConfig
 from convlora.synthetic import write_dataset
 
@@ -49,15 +47,7 @@ def fine_tune(data: Path, output: Path, mode: str, lr: float | None, args: argpa
 
 def score(name: str, segment, samples: list, reading: dict) -> dict:
     """Instance metrics and seconds per image of ``segment(image) -> ids`` over the labelled samples."""
-    metrics, seconds = InstanceMetrics(), 0.0
-    for sample in samples:
-        image, truth = read_image(sample.image, reading), read_mask(sample.mask).astype(np.int64)
-        started = time.perf_counter()
-        ids = segment(image)
-        seconds += time.perf_counter() - started
-        metrics.update(truth, ids)
-    result = metrics.compute()
-    return {"method": name, **result, "seconds_per_image": seconds / max(1, len(samples))}
+    return {"method": name, **score_instance_files(segment, samples, reading)}
 
 
 def main(argv: list[str]) -> dict:

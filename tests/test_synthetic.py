@@ -66,10 +66,10 @@ def _border_width(image: np.ndarray, fg: np.ndarray) -> float:
 # --- registry -------------------------------------------------------------------------------------------
 
 
-def test_registry_lists_the_eight_domains_with_their_paper_dataset_and_metric():
-    assert set(DOMAINS) == {"polyp", "skin", "camouflage", "shadow", "leaf", "road", "scene", "nuclei"}
+def test_registry_lists_the_nine_domains_with_their_paper_dataset_and_metric():
+    assert set(DOMAINS) == {"polyp", "skin", "camouflage", "shadow", "leaf", "road", "scene", "nuclei", "cells"}
     assert {spec.metric for spec in DOMAINS.values()} <= {"s_measure", "iou", "ber", "miou", "msa"}
-    assert DOMAINS["nuclei"].mode == "instances"  # tests/test_nuclei.py covers it
+    assert DOMAINS["nuclei"].mode == DOMAINS["cells"].mode == "instances"  # tests/test_nuclei.py, test_cells.py
     assert DOMAINS["scene"].mode == "multiclass" and DOMAINS["scene"].num_classes == 9
     assert all(DOMAINS[name].num_classes == 2 for name in BINARY)
 
@@ -115,6 +115,7 @@ PINNED = {
     "road": "97957bc6dc3b7979",
     "scene": "f839910db59b0367",
     "nuclei": "b07b00ea9e634bf8",
+    "cells": "58473d7e32438416",
 }
 
 
@@ -171,7 +172,7 @@ def test_image_sides_vary_within_20_percent_unless_square():
 def test_domains_draw_at_tiny_and_odd_sizes(domain):
     for height, width in [(16, 16), (17, 45)]:
         image, mask = DOMAINS[domain].generate(np.random.default_rng(0), height, width)
-        grey = DOMAINS[domain].mode == "instances"  # 16-bit fluorescence: one channel
+        grey = DOMAINS[domain].mode == "instances"  # fluorescence or phase contrast: one channel
         assert image.shape == ((height, width) if grey else (height, width, 3)) and mask.shape == (height, width)
 
 

@@ -5,7 +5,10 @@ Two kinds of experiment share one runner:
 - ``quality``: fine-tune every *arm* (a method, optionally with Conv-LoRA settings) on every domain for
   every seed, with the same data and the same optimiser-step budget, and score the held-out test split;
 - ``cost``: trainable parameters, artifact size, train-step time, peak memory and merged inference
-  latency of each method at one reference point, plus optional sweeps over image size and batch size.
+  latency of each method at one reference point, plus optional sweeps over image size and batch size;
+- ``instances``: one mask per object: every arm fine-tuned twice per instance domain and seed (``--mode
+  instances`` and a binary foreground model), then AIS, APG, AMG and the binary model's connected components
+  scored with the instance metrics and timed per image (:mod:`convlora.bench.instances`).
 
 >>> exp = experiment_from_dict({"name": "q", "kind": "quality", "domains": ["polyp"], "arms": [{"method": "lora"}]})
 >>> exp.arms[0].name, exp.seeds
@@ -22,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from ..artifact.methods import METHODS
+from ..instances import AmgConfig
 from ..recipes import RECIPES, recipe
 from ..synthetic import DOMAINS
 
-KINDS = ("quality", "cost")
+KINDS = ("quality", "cost", "instances")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -92,6 +96,9 @@ class QualityExperiment:
         title: what the README's summary calls the experiment (e.g. "Where the adapters sit"); its name when unset.
         params_plot: also plot each domain's main metric against the arms' own trainable parameters
             (``<name>_params.png``).
+        retention_after: score every finished run that did not measure retention while training: its kept
+            model's retention on this many generic keep images and validation images
+            (:mod:`convlora.bench.retention_after`); 0 (the default) measures nothing after training.
     """
 
     name: str
@@ -110,9 +117,9 @@ class QualityExperiment:
     threads: int = 1
     title: str = ""
     params_plot: bool = False
+    retention_after: int = 0
 
     def __post_init__(self) -> None:
-
         _check_name(self.name)
         if self.kind != "quality":
             raise ValueError(f"{self.name}: kind must be 'quality' for a QualityExperiment, got {self.kind!r}")
@@ -153,6 +160,14 @@ class QualityExperiment:
                 f"{self.name}: unknown data keys {unknown_data}; known: train, val, test, size, seed, square"
             )
         _check_threads(self.name, self.threads)
+        if (
+            not isinstance(self.retention_after, int)
+            or isinstance(self.retention_after, bool)
+            or self.retention_after < 0
+        ):
+            raise ValueError(
+                f"{self.name}: retention_after must be a number of keep images >= 0, got {self.retention_after!r}"
+            )
 
     def data_settings(self, domain: str) -> dict[str, Any]:
         """``write_dataset`` arguments for ``domain``: the recipe's split sizes, then ``data``."""
@@ -254,7 +269,93 @@ class CostExperiment:
         _check_threads(self.name, self.threads)
 
 
-Experiment = QualityExperiment | CostExperiment
+@dataclass
+class InstanceExperiment:
+    """One mask per object: AIS, APG, AMG and binary-CC of several arms on instance domains, over seeds.
+
+    Every arm trains twice per domain and seed, both from ``model`` with the same epochs and augmentation: an
+    instance run (``mode="instances"``, learning rate ``lr``) scored by AIS and APG, and a binary foreground run
+    (``binary_lr``) scored by the connected components of its mask. AMG runs on the untouched base once per
+    domain (it does not depend on the seed).
+
+    Args:
+        name: experiment name; results go to ``<results>/<name>.json``.
+        kind: ``"instances"``.
+        description: one line for the report.
+        domains: synthetic domains with instance masks (``nuclei``, ``cells``).
+        arms: the contestants (dicts with ``method`` and optional ``name``, ``conv_lora``, ``train``).
+        seeds: training seeds.
+        epochs: epochs of every run.
+        batch_size: images per optimiser step.
+        lr: peak learning rate of the instance runs.
+        binary_lr: peak learning rate of the binary runs; ``None``: the engine's default.
+        augment: augmentation of every run (``TrainConfig.augment``).
+        model: the base SAM.
+        data: synthetic data settings: ``train``/``val``/``test`` counts, ``size``, ``seed``.
+        amg: :class:`~convlora.instances.AmgConfig` fields of the AMG row.
+        baseline: the arm the others are compared with (``"lora"`` when there is one, else the first arm).
+        threads: torch CPU threads for the runs.
+        title: what the README's summary calls the experiment; its name when unset.
+    """
+
+    name: str
+    kind: str = "instances"
+    description: str = ""
+    domains: list[str] = field(default_factory=lambda: ["nuclei"])
+    arms: list[Arm] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs: int = 24
+    batch_size: int = 4
+    lr: float = 1e-2
+    binary_lr: float | None = None
+    augment: dict[str, Any] = field(default_factory=lambda: {"hflip": 0.5, "vflip": 0.5})
+    model: str = "convlora-tiny"
+    data: dict[str, Any] = field(default_factory=lambda: {"train": 48, "val": 8, "test": 16, "size": 128, "seed": 0})
+    amg: dict[str, Any] = field(default_factory=dict)
+    baseline: str | None = None
+    threads: int = 1
+    title: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        if self.kind != "instances":
+            raise ValueError(f"{self.name}: kind must be 'instances' for an InstanceExperiment, got {self.kind!r}")
+        instance_domains = sorted(d for d, spec in DOMAINS.items() if spec.mode == "instances")
+        bad = [d for d in self.domains if d not in instance_domains]
+        if not self.domains or bad:
+            raise ValueError(f"{self.name}: domains must be instance domains of {instance_domains}, got {self.domains}")
+        self.arms = [a if isinstance(a, Arm) else Arm(**a) for a in self.arms]
+        names = [a.name for a in self.arms]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"{self.name}: arms must list at least one method, with unique names; got {names}")
+        if self.baseline is None:
+            self.baseline = "lora" if "lora" in names else names[0]
+        elif self.baseline not in names:
+            raise ValueError(f"{self.name}: baseline {self.baseline!r} is not one of the arms {names}")
+        if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in self.seeds):
+            raise ValueError(f"{self.name}: seeds must be a non-empty list of non-negative integers, got {self.seeds}")
+        for label in ("epochs", "batch_size"):
+            if not isinstance(getattr(self, label), int) or getattr(self, label) < 1:
+                raise ValueError(f"{self.name}: {label} must be an integer >= 1, got {getattr(self, label)!r}")
+        for label in ("lr", "binary_lr"):
+            value = getattr(self, label)
+            if (value is not None or label == "lr") and not (isinstance(value, int | float) and value > 0):
+                raise ValueError(f"{self.name}: {label} must be a positive number, got {value!r}")
+        unknown_data = sorted(set(self.data) - {"train", "val", "test", "size", "seed"})
+        if unknown_data:
+            raise ValueError(f"{self.name}: unknown data keys {unknown_data}; known: train, val, test, size, seed")
+        try:
+            AmgConfig(**self.amg)
+        except TypeError as error:
+            raise ValueError(f"{self.name}: amg: {error}") from error
+        _check_threads(self.name, self.threads)
+
+    def data_settings(self) -> dict[str, Any]:
+        """``write_dataset`` arguments of every domain."""
+        return {"train": 48, "val": 8, "test": 16, "size": 128, "seed": 0, **self.data}
+
+
+Experiment = QualityExperiment | CostExperiment | InstanceExperiment
 
 
 def experiment_from_dict(data: dict[str, Any], source: str = "config") -> Experiment:
@@ -269,7 +370,7 @@ def experiment_from_dict(data: dict[str, Any], source: str = "config") -> Experi
     kind = data.get("kind")
     if kind not in KINDS:
         raise ValueError(f"{source}: kind must be one of {list(KINDS)}, got {kind!r}")
-    cls = QualityExperiment if kind == "quality" else CostExperiment
+    cls = {"quality": QualityExperiment, "cost": CostExperiment, "instances": InstanceExperiment}[kind]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:

@@ -80,6 +80,135 @@ def quality_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+INSTANCE_WAYS = {
+    "ais": "AIS",
+    "apg": "APG",
+    "binary_cc": "binary-CC",
+}
+
+
+def _instance_main_table(result: dict[str, Any]) -> list[str]:
+    """mSA per domain, way (rows) and arm (columns); AMG on the base as one more row."""
+    arms = [a["name"] for a in result["config"]["arms"]]
+    lines = ["| domain | way | " + " | ".join(arms) + " | s / image |", "|---|---|" + "---:|" * (len(arms) + 1)]
+    for row in result["summary"]:
+        for way, label in INSTANCE_WAYS.items():
+            stats = {a: row["arms"].get(a, {}).get("ways", {}).get(way, {}).get("msa", {}) for a in arms}
+            best = _best({a: v for a, v in stats.items() if v}, "msa")
+            cells = [f"**{fmt_stat(v)}**" if a == best else fmt_stat(v) for a, v in stats.items()]
+            times = [
+                row["arms"][a]["ways"][way]["seconds_per_image"]["mean"]
+                for a in arms
+                if way in row["arms"].get(a, {}).get("ways", {})
+            ]
+            timing = fmt_seconds(sum(times) / len(times)) if times else "–"
+            lines.append(f"| {row['domain']} | {label} | " + " | ".join(cells) + f" | {timing} |")
+        if "amg" in row:
+            amg = row["amg"]
+            cells = [fmt_value(amg["msa"])] + ["″"] * (len(arms) - 1)
+            lines.append(
+                f"| {row['domain']} | AMG (base) | "
+                + " | ".join(cells)
+                + f" | {fmt_seconds(amg['seconds_per_image'])} |"
+            )
+    return lines
+
+
+def _instance_detail_table(row: dict[str, Any]) -> list[str]:
+    header = "| way | arm | mSA | F1@0.5 | SA@0.5 | objects found | true objects | s / image |"
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for arm, entry in row["arms"].items():
+        for way, stats in entry["ways"].items():
+            cells = [INSTANCE_WAYS[way], arm, *(fmt_stat(stats[k]) for k in ("msa", "f1_50", "sa50"))]
+            cells += [f"{stats['n_pred']['mean']:.0f}", f"{stats['n_true']['mean']:.0f}"]
+            cells.append(fmt_seconds(stats["seconds_per_image"]["mean"]))
+            lines.append("| " + " | ".join(cells) + " |")
+    if "amg" in row:
+        amg = row["amg"]
+        cells = ["AMG", "base", fmt_value(amg["msa"]), fmt_value(amg["f1_50"]), fmt_value(amg["sa50"])]
+        cells += [f"{amg['n_pred']:.0f}", f"{amg['n_true']:.0f}", fmt_seconds(amg["seconds_per_image"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def instance_goals(result: dict[str, Any], arm: str = "conv_lora") -> list[dict[str, Any]]:
+    """Per domain, ``arm``'s AIS mSA against AMG's and binary-CC's, and AIS's time against AMG's.
+
+    >>> row = {"domain": "d", "amg": {"msa": 0.1, "seconds_per_image": 1.0}, "arms": {"conv_lora": {"ways": {
+    ...     "ais": {"msa": {"mean": 0.4}, "seconds_per_image": {"mean": 0.1}}, "binary_cc": {"msa": {"mean": 0.2}}}}}}
+    >>> instance_goals({"summary": [row]})[0]["ais_minus_amg"]
+    0.30000000000000004
+    """
+    goals = []
+    for row in result["summary"]:
+        ways = row["arms"].get(arm, {}).get("ways", {})
+        if "ais" not in ways or "amg" not in row:
+            continue
+        ais = ways["ais"]["msa"]["mean"]
+        goal = {"domain": row["domain"], "arm": arm, "ais_msa": ais, "ais_minus_amg": ais - row["amg"]["msa"]}
+        if "binary_cc" in ways:
+            goal["ais_minus_binary_cc"] = ais - ways["binary_cc"]["msa"]["mean"]
+        goal["ais_time_vs_amg"] = ways["ais"]["seconds_per_image"]["mean"] / row["amg"]["seconds_per_image"]
+        goals.append(goal)
+    return goals
+
+
+def _goal_lines(result: dict[str, Any]) -> list[str]:
+    lines = []
+    for goal in instance_goals(result):
+        text = (
+            f"{goal['domain']}: {goal['arm']} AIS mSA {goal['ais_msa']:.3f}, {goal['ais_minus_amg']:+.3f} against AMG"
+        )
+        if "ais_minus_binary_cc" in goal:
+            text += f", {goal['ais_minus_binary_cc']:+.3f} against binary-CC"
+        lines.append(f"- {text}; AIS takes {goal['ais_time_vs_amg']:.3f}x AMG's time per image.")
+    return lines
+
+
+def instances_markdown(result: dict[str, Any]) -> str:
+    """Tables of an instance result: mSA per domain, way and arm; every number per domain; the goals."""
+    config = result["config"]
+    seeds = result.get("overrides", {}).get("seeds") or config["seeds"]
+    amg = ", ".join(f"{k}={v}" for k, v in config.get("amg", {}).items()) or "SAM's defaults"
+    lines = _heading(result)
+    lines += [
+        f"Instance metrics on the test split, mean ± sample std over seeds {seeds}; every run {config['epochs']} "
+        f"epochs from `{config['model']}` (instance runs lr {config['lr']}, binary runs lr "
+        f"{config.get('binary_lr') or 'the default'}); the best checkpoint on the validation split is scored. "
+        f"mSA: mean segmentation accuracy over IoU 0.5:0.05:0.95. AMG ({amg}) runs on the untouched base and has no "
+        "seed (″: the same value). Seconds per image: the way's own call on one CPU thread (reading the file and "
+        "scoring excluded), averaged over arms.",
+        "",
+        *_instance_main_table(result),
+        "",
+        *_goal_lines(result),
+    ]
+    for row in result["summary"]:
+        lines += ["", f"**{row['domain']}**: every number (mean over seeds)", "", *_instance_detail_table(row)]
+    runs = result["runs"]
+    lines += [
+        "",
+        f"{len(runs)} runs, {sum(1 for r in runs if r.get('reused'))} reused from earlier runs of the same settings; "
+        f"mean run time {sum(r['wall_seconds'] for r in runs) / max(1, len(runs)):.0f} s; "
+        f"load (1 min) during runs {_load_range(runs)}.",
+        *_footer(result),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _instance_summary(result: dict[str, Any]) -> list[str]:
+    title = result["config"].get("title") or "Instances"
+    seeds = result.get("overrides", {}).get("seeds") or result["config"]["seeds"]
+    lines = [
+        f"**{title}** (`{result['name']}`): mSA on the test split, mean ± std over {len(seeds)} seeds, "
+        f"{result['config']['epochs']} epochs per run, base `{result['config']['model']}`; AMG on the untouched base.",
+        "",
+        *_instance_main_table(result),
+        "",
+    ]
+    return lines
+
+
 def _prompt(result: dict[str, Any]) -> str | None:
     """The prompt kind a quality result's runs were trained and tested with, ``None`` when prompt-free."""
     prompt = result["config"].get("train", {}).get("prompt", "none")
@@ -296,6 +425,9 @@ def summary_markdown(results: list[dict[str, Any]]) -> str:
     for result in results:
         if result["kind"] == "quality" and len(result["summary"]) == 1:
             lines += _ablation_summary(result)
+    for result in results:
+        if result["kind"] == "instances":
+            lines += _instance_summary(result)
     cost = [r for r in results if r["kind"] == "cost"]
     if cost:
         lines += _cost_summary(cost)

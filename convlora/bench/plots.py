@@ -54,6 +54,33 @@ def plot_quality(result: dict[str, Any], path: str | Path) -> None:
     _save(figure, Path(path))
 
 
+def plot_instances(result: dict[str, Any], path: str | Path) -> None:
+    """One bar chart per domain: mSA of each way (groups) and arm (bars), std as error bar; AMG as a line."""
+    summary = result["summary"]
+    arms = [a["name"] for a in result["config"]["arms"]]
+    methods = {a["name"]: a["method"] for a in result["config"]["arms"]}
+    ways = ["ais", "apg", "binary_cc"]
+    labels = {"ais": "AIS", "apg": "APG", "binary_cc": "binary-CC"}
+    figure, axes = _subplots(1, len(summary), figsize=(4.2 * len(summary), 3.4), squeeze=False)
+    width = 0.8 / max(1, len(arms))
+    for ax, row in zip(axes.flat, summary, strict=False):
+        for j, arm in enumerate(arms):
+            found = row["arms"].get(arm, {}).get("ways", {})
+            means = [found.get(w, {}).get("msa", {}).get("mean") or 0.0 for w in ways]
+            stds = [found.get(w, {}).get("msa", {}).get("std") or 0.0 for w in ways]
+            xs = [i + (j - (len(arms) - 1) / 2) * width for i in range(len(ways))]
+            ax.bar(xs, means, width, yerr=stds, capsize=3, color=colour(methods[arm]), alpha=0.85, label=arm)
+        if "amg" in row:
+            ax.axhline(row["amg"]["msa"], color="grey", linestyle="--", linewidth=1, label="AMG (base)")
+        ax.set_xticks(range(len(ways)), [labels[w] for w in ways])
+        ax.set_title(f"{row['domain']} (mSA)", fontsize=10)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    figure.suptitle(f"{result['name']}: instance mSA, mean ± std over seeds", fontsize=11)
+    figure.tight_layout()
+    _save(figure, Path(path))
+
+
 def plot_params(result: dict[str, Any], params: dict[str, int], path: str | Path) -> None:
     """Each domain's main metric (mean ± std over seeds) against each arm's own trainable parameters (log scale).
 

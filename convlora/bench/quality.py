@@ -33,6 +33,7 @@ from ..synthetic import write_dataset
 from ..training import load_config, train
 from .environment import load_average
 from .experiments import Arm, QualityExperiment
+from .retention_after import AfterTraining
 
 # Bump when a run's meaning changes (what is trained or measured), so older results are not reused.
 RUN_FORMAT = 1
@@ -334,6 +335,7 @@ def run_quality(
     runs = []
     zero_shots = {}
     total = len(chosen) * len(experiment.arms) * len(seeds)
+    after = AfterTraining(experiment.retention_after) if experiment.retention_after else None
     for domain in chosen:
         budget = experiment.steps_for(domain) if max_steps is None else (max_steps or None)
         data = dataset_for(experiment, domain, work_dir, data_dir)
@@ -352,6 +354,8 @@ def run_quality(
                 )
                 run_dir = work_dir / "quality" / domain / f"{arm.method}-{run_key(fields, domain)}" / f"seed{seed}"
                 record = run_one(fields, run_dir, domain, arm)
+                if after is not None:
+                    record = after.add(record, run_dir, data)
                 runs.append(record)
                 main = experiment.metrics_for(domain)[0]
                 state = "reused" if record["reused"] else f"{record['wall_seconds']:.0f} s"

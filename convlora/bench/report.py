@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .._io import atomic_file
-from .markdown import cost_markdown, quality_markdown, replace_summary, summary_markdown
-from .plots import plot_cost, plot_params, plot_quality, plot_scaling
+from .markdown import cost_markdown, instances_markdown, quality_markdown, replace_summary, summary_markdown
+from .plots import plot_cost, plot_instances, plot_params, plot_quality, plot_scaling
 from .quality import own_parameters
 from .schema import load_results
 
@@ -57,6 +57,9 @@ def write_report(results_dir: str | Path, readme: str | Path | None = None) -> l
                 plot_params(result, params, results_dir / f"{name}_params.png")
                 written.append(results_dir / f"{name}_params.png")
                 text += f"\n![{name}: quality against parameters]({name}_params.png)\n"
+        elif result["kind"] == "instances":
+            text = instances_markdown(result)
+            plot_instances(result, results_dir / f"{name}.png")
         else:
             text = cost_markdown(result)
             plot_cost(result, results_dir / f"{name}.png")

@@ -22,7 +22,15 @@ from typing import Any
 from .._io import write_json
 from .cost import run_cost
 from .environment import environment, load_average, set_threads
-from .experiments import CostExperiment, Experiment, experiment_to_dict, load_experiment
+from .experiments import (
+    CostExperiment,
+    Experiment,
+    InstanceExperiment,
+    QualityExperiment,
+    experiment_to_dict,
+    load_experiment,
+)
+from .instances import run_instances
 from .quality import merge_domains, run_quality
 from .report import write_report
 from .schema import SCHEMA
@@ -71,6 +79,14 @@ def run_experiment(
     env = environment(experiment.threads, device or getattr(experiment, "device", "auto"))
     if isinstance(experiment, CostExperiment):
         results = run_cost(experiment, work_dir, model=model, device=device, fresh=fresh, log=log)
+    elif isinstance(experiment, InstanceExperiment):
+        unsupported = {"--model": model, "--data-dir": data_dir, "--max-steps": max_steps, "--domains": domains}
+        given = [name for name, value in unsupported.items() if value is not None]
+        if given:
+            raise ValueError(
+                f"{experiment.name}: an instance experiment takes no {', '.join(given)} (set it in the config)"
+            )
+        results = run_instances(experiment, work_dir, seeds=seeds, log=log)
     else:
         results = run_quality(
             experiment,
@@ -84,7 +100,7 @@ def run_experiment(
         )
     path = Path(results_dir) / f"{experiment.name}.json"
     provenance: dict[str, Any] = {}
-    if domains is not None and not isinstance(experiment, CostExperiment):
+    if domains is not None and isinstance(experiment, QualityExperiment):
         if not path.is_file():
             raise ValueError(f"--domains re-runs part of an experiment: {path} must already hold the rest")
         earlier = json.loads(path.read_text())

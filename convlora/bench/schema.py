@@ -10,7 +10,7 @@ SCHEMA = "convlora-benchmark/1"
 
 
 def load_results(results_dir: str | Path) -> list[dict[str, Any]]:
-    """Every benchmark result file in ``results_dir`` (files with the benchmark schema): quality, then cost, by name."""
+    """Every benchmark result file in ``results_dir`` (with the benchmark schema): quality, instances, cost, by name."""
     found = []
     for path in sorted(Path(results_dir).glob("*.json")):
         try:
@@ -19,5 +19,5 @@ def load_results(results_dir: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path} is not valid JSON: {error}") from error
         if isinstance(data, dict) and data.get("schema") == SCHEMA:
             found.append(data)
-    order = {"quality": 0, "cost": 1}
+    order = {"quality": 0, "instances": 1, "cost": 2}
     return sorted(found, key=lambda r: (order.get(r["kind"], 2), r["name"]))

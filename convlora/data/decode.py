@@ -108,13 +108,25 @@ class ImageReading:
         """A few words for notes: what happens to a high-bit-depth image."""
         if self.intensity == "percentile":
             low, high = PERCENTILES
-            return f"normalised per image from its {low:g}th..{high:g}th percentile to 0..255"
+            return f"normalised per image from its {_ordinal(low)}..{_ordinal(high)} percentile to 0..255"
         if self.intensity == "minmax":
             return "normalised per image from its min..max to 0..255"
         if self.intensity == "fixed":
             low, high = self.intensity_range  # type: ignore[misc]
             return f"mapped from the fixed range {low:g}..{high:g} to 0..255"
         return "kept as stored, clipped to 0..255"
+
+
+def _ordinal(value: float) -> str:
+    """A percentile as an English ordinal: ``1.0`` -> ``"1st"``, ``99.8`` -> ``"99.8th"``.
+
+    >>> [_ordinal(v) for v in (1.0, 2, 3, 11, 22, 99.8)]
+    ['1st', '2nd', '3rd', '11th', '22nd', '99.8th']
+    """
+    text = f"{value:g}"
+    if not float(value).is_integer() or 10 <= int(value) % 100 <= 20:
+        return f"{text}th"
+    return text + {1: "st", 2: "nd", 3: "rd"}.get(int(value) % 10, "th")
 
 
 class _DecodeError(Exception):

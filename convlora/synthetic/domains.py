@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import camouflage, leaf, nuclei, polyp, road, scene, shadow, skin
+from . import camouflage, cells, leaf, nuclei, polyp, road, scene, shadow, skin
 
 Generator = Callable[[np.random.Generator, int, int], tuple[np.ndarray, np.ndarray]]
 
@@ -100,4 +100,10 @@ DOMAINS: dict[str, DomainSpec] = {
         "12-bit fluorescence nuclei (uint16 images, 16-bit instance-id masks) crowding into clusters that touch "
         "with no background between them, some lying over others, dim ones, uneven light and shot noise",
         "2018 Data Science Bowl (BBBC038) fluorescence nuclei", "msa"),
+    "cells": DomainSpec(
+        "cells", cells.generate, "instances", ("background", "cell"),
+        "8-bit phase-contrast cultured cells (uint8 grey images, 16-bit instance-id masks): spindle, flat and "
+        "rounded cells packed into confluent patches whose members share a faint boundary line or none, a bright "
+        "halo around each patch, granular interiors, isolated cells and debris",
+        "LIVECell (phase-contrast cell cytoplasm)", "msa"),
 }  # fmt: skip

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from . import textures as tx
+from ._instance_ids import tidy_ids
 
 MAX_VALUE = 4095  # a 12-bit camera
 EMPTY_SHARE = 0.05  # images holding no nucleus
@@ -91,41 +91,6 @@ def _shape(rng: np.random.Generator, nucleus: _Nucleus, h: int, w: int) -> tuple
     return (slice(y0, y1), slice(x0, x1)), np.hypot(u, v) / boundary
 
 
-def _tidy(ids: np.ndarray, min_area: float) -> tuple[np.ndarray, np.ndarray]:
-    """Make each id one 4-connected region of at least ``min_area`` pixels, renumbered 1..n in drawing order.
-
-    A stray piece (an id cut in two by a nucleus on top of it, a sliver left at the border) joins the
-    neighbouring id it touches most, or the background when it touches none. Returns the new ids and the
-    lookup from old ids to new ones (0: gone).
-    """
-    ids = ids.copy()
-    for attempt in range(4):
-        changed = False
-        for index, box in enumerate(ndimage.find_objects(ids), start=1):
-            if box is None:
-                continue
-            box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
-            part = ids[box]  # a view: edits land in ids
-            pieces, count = ndimage.label(part == index)
-            sizes = np.bincount(pieces.ravel())[1:]
-            keep = int(sizes.argmax()) + 1 if sizes.max() >= min_area else 0
-            for piece_id in range(1, count + 1):
-                if piece_id == keep:
-                    continue
-                piece = pieces == piece_id
-                around = part[ndimage.binary_dilation(piece) & ~piece]
-                around = around[(around != 0) & (around != index)]
-                last = attempt == 3  # a piece bounced between neighbours: give it to the background
-                part[piece] = np.bincount(around).argmax() if around.size and not last else 0
-                changed = True
-        if not changed:
-            break
-    present = np.unique(ids)[1:]
-    lookup = np.zeros(int(ids.max()) + 1, np.uint16)
-    lookup[present] = np.arange(1, present.size + 1)
-    return lookup[ids], lookup
-
-
 def _render(rng: np.random.Generator, height: int, width: int) -> dict[str, Any]:
     """The nuclei image with what it was made of (for tests).
 
@@ -168,7 +133,7 @@ def _render(rng: np.random.Generator, height: int, width: int) -> dict[str, Any]
         pressed_signal[box][closer] = signal[closer]
     pressed = (raw == 0) & (deepest < 1.0)  # a pressed pixel under a nucleus on top keeps the top one's id
     raw[pressed] = owner[pressed]
-    ids, lookup = _tidy(raw, max(3.0, MIN_AREA * scale**2))
+    ids, lookup = tidy_ids(raw, max(3.0, MIN_AREA * scale**2))
     final = [int(lookup[i]) if i < lookup.size else 0 for i in range(1, len(nuclei) + 1)]
 
     # Optics and camera: out-of-focus debris and haze, uneven illumination, blur, shot and read noise.

@@ -4,7 +4,8 @@ Layout written by :func:`write_dataset`::
 
     out_dir/dataset.json                 domain, seed, size, counts, generator version, pixels_sha256
     out_dir/classes.json                 class names by id (multi-class and instance domains)
-    out_dir/{train,val,test}/images/NNNNN.png  8-bit RGB, or 16-bit grey where the domain draws uint16 (nuclei)
+    out_dir/{train,val,test}/images/NNNNN.png  8-bit RGB, or grey where the domain draws one channel:
+                                               16-bit (nuclei, uint16) or 8-bit (cells, uint8)
     out_dir/{train,val,test}/masks/NNNNN.png   {0, 255} (binary) or class ids (multi-class), 8-bit grey;
                                                instance ids 1..n (instance domains), 16-bit grey
 
@@ -48,8 +49,8 @@ def sample(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``index``-th sample of a domain's split: ``(image uint8 (h, w, 3), mask uint8 (h, w))``.
 
-    Instance domains (``mode="instances"``) give their own types instead: the nuclei domain a uint16
-    ``(h, w)`` 12-bit image and a uint16 map of instance ids.
+    Instance domains (``mode="instances"``) give their own types instead: a single-channel image (nuclei: a
+    uint16 ``(h, w)`` 12-bit image; cells: a uint8 ``(h, w)`` grey one) and a uint16 map of instance ids.
 
     Height and width are drawn independently in ``[0.8 * size, 1.2 * size]`` unless ``square``.
 
@@ -164,7 +165,7 @@ def write_dataset(
                 if spec.mode == "instances":
                     mask = mask.astype(np.uint16)  # 16-bit PNG whatever the count of ids
                 digest.update(f"{split}/{i}:{mask.shape}".encode() + _le_bytes(image) + _le_bytes(mask))
-                # uint16 (h, w) arrays become 16-bit grey PNGs (Pillow's "I;16")
+                # uint16 (h, w) arrays become 16-bit grey PNGs (Pillow's "I;16"), uint8 (h, w) 8-bit ones ("L")
                 Image.fromarray(image).save(tmp / split / "images" / f"{i:05d}.png", compress_level=6)
                 Image.fromarray(mask).save(tmp / split / "masks" / f"{i:05d}.png", compress_level=6)
         if spec.mode != "binary":
@@ -197,7 +198,7 @@ def mask_to_rgb(mask: np.ndarray, mode: str) -> np.ndarray:
 
 
 def _viewable(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB of a sample image: 8-bit RGB as it is, others (16-bit grey) read as convlora reads files."""
+    """uint8 RGB of a sample image: 8-bit RGB as it is, others (8- or 16-bit grey) read as convlora reads files."""
     if image.dtype == np.uint8 and image.ndim == 3:
         return image
     from ..data.decode import to_rgb8  # the data package loads torch: only when a preview needs it

@@ -59,8 +59,12 @@ def check_keep_data(keep_data: str | None) -> None:
         )
 
 
-def _flat(key: str, result: Mapping[str, Any]) -> dict[str, float]:
-    """A :func:`~convlora.evaluation.retention.retention` result as history entries: the mean, then per protocol."""
+def flat_retention(key: str, result: Mapping[str, Any]) -> dict[str, float]:
+    """A :func:`~convlora.evaluation.retention.retention` result as history entries: the mean, then per protocol.
+
+    >>> flat_retention("retention", {"mean": 0.9, "box": 1.0, "point": 0.8, "clicks": 0.9})["retention/point"]
+    0.8
+    """
     return {key: float(result["mean"]), **{f"{key}/{p}": float(result[p]) for p in PROTOCOLS}}
 
 
@@ -115,10 +119,12 @@ class RetentionMonitor:
 
         def compute() -> dict[str, float]:
             device = accelerator.device if accelerator is not None else None
-            found = _flat(KEEP_KEY, retention(model, self.base_scores, self.keep, **self.options, device=device))
+            found = flat_retention(
+                KEEP_KEY, retention(model, self.base_scores, self.keep, **self.options, device=device)
+            )
             if self.val_keep is not None and self.val_base_scores is not None:
                 val = retention(model, self.val_base_scores, self.val_keep, **self.options, device=device)
-                found |= _flat(VAL_KEY, val)
+                found |= flat_retention(VAL_KEY, val)
             return found
 
         return _on_main(accelerator, compute)
