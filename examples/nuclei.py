@@ -13,9 +13,12 @@ the instance metrics (mSA over IoU 0.5:0.95, F1 at 0.5, objects found), timing e
 
     python examples/nuclei.py                    # synthetic nuclei + embedded base, a few minutes on 2 CPU cores
     python examples/nuclei.py --quick            # a tiny smoke run
+    python examples/nuclei.py --domain cells     # the synthetic phase-contrast cells instead (larger objects)
     python examples/nuclei.py --data-dir DATA --model facebook/sam-vit-base   # DATA: 16-bit instance-id masks
 
-Outputs go to runs/nuclei (--output-dir): the two runs and comparison.json.
+Outputs go to runs/<domain> (--output-dir): the two runs and comparison.json. Over seeds and methods
+(decoder-only, LoRA, Conv-LoRA) on both synthetic instance domains: ``convlora benchmark run
+benchmarks/configs/instances.json``.
 """
 
 import argparse
@@ -54,8 +57,11 @@ def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(prog="examples/nuclei.py", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None, help="a dataset with instance-id masks in convlora's layout")
     parser.add_argument("--model", default="convlora-tiny", help="SAM checkpoint (default: the embedded base)")
-    parser.add_argument("--output-dir", default="runs/nuclei", help="run folders and comparison.json")
-    parser.add_argument("--synthetic-dir", default="data/nuclei", help="where generated data goes")
+    parser.add_argument(
+        "--domain", choices=["nuclei", "cells"], default="nuclei", help="synthetic instance domain (without --data-dir)"
+    )
+    parser.add_argument("--output-dir", default=None, help="run folders and comparison.json (default: runs/<domain>)")
+    parser.add_argument("--synthetic-dir", default=None, help="where generated data goes (default: data/<domain>)")
     parser.add_argument("--epochs", type=int, default=24, help="epochs of each fine-tune")
     parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate of the instance fine-tune")
     parser.add_argument(
@@ -70,8 +76,9 @@ def main(argv: list[str]) -> dict:
         data = Path(args.data_dir)
     else:
         sizes = {"train": 8, "val": 2, "test": 2} if args.quick else {"train": 48, "val": 8, "test": 16}
-        data = write_dataset("nuclei", args.synthetic_dir, seed=args.seed, size=128, **sizes)
-    output = Path(args.output_dir)
+        where = args.synthetic_dir or f"data/{args.domain}"
+        data = write_dataset(args.domain, where, seed=args.seed, size=128, **sizes)
+    output = Path(args.output_dir or f"runs/{args.domain}")
 
     instance_model = Segmenter.from_pretrained(fine_tune(data, output, "instances", args.lr, args))
     binary_model = Segmenter.from_pretrained(fine_tune(data, output, "binary", args.binary_lr, args))
@@ -87,7 +94,13 @@ def main(argv: list[str]) -> dict:
         "binary-CC (Conv-LoRA, binary)": lambda image: connected_components(binary_model.predict(image) > 0),
     }
     rows = [score(name, segment, samples, reading) for name, segment in methods.items()]
-    comparison = {"data": str(data), "model": args.model, "epochs": args.epochs, "test_images": len(samples)}
+    comparison = {
+        "data": str(data),
+        "domain": None if args.data_dir else args.domain,
+        "model": args.model,
+        "epochs": args.epochs,
+        "test_images": len(samples),
+    }
     comparison["rows"] = rows
     write_json(output / "comparison.json", comparison)
     print("| method | mSA | F1@0.5 | objects found / true | seconds per image |\n|---|---:|---:|---:|---:|")

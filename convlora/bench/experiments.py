@@ -134,18 +134,7 @@ class QualityExperiment:
             )
         if unknown:
             raise ValueError(f"{self.name}: unknown domains {unknown}; choose from {sorted(RECIPES)}")
-        self.arms = [a if isinstance(a, Arm) else Arm(**a) for a in self.arms]
-        if not self.arms:
-            raise ValueError(f"{self.name}: arms must list at least one method")
-        names = [a.name for a in self.arms]
-        if len(set(names)) != len(names):
-            raise ValueError(f"{self.name}: arm names must be unique, got {names}")
-        if self.baseline is None:
-            self.baseline = "lora" if "lora" in names else names[0]
-        elif self.baseline not in names:
-            raise ValueError(f"{self.name}: baseline {self.baseline!r} is not one of the arms {names}")
-        if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in self.seeds):
-            raise ValueError(f"{self.name}: seeds must be a non-empty list of non-negative integers, got {self.seeds}")
+        self.arms, self.baseline = _check_arms(self.name, self.arms, self.baseline, self.seeds)
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"{self.name}: max_steps must be >= 1 or null (the recipe's epochs), got {self.max_steps}")
         outside = sorted(set(self.domain_steps) - set(self.domains))
@@ -324,16 +313,7 @@ class InstanceExperiment:
         bad = [d for d in self.domains if d not in instance_domains]
         if not self.domains or bad:
             raise ValueError(f"{self.name}: domains must be instance domains of {instance_domains}, got {self.domains}")
-        self.arms = [a if isinstance(a, Arm) else Arm(**a) for a in self.arms]
-        names = [a.name for a in self.arms]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"{self.name}: arms must list at least one method, with unique names; got {names}")
-        if self.baseline is None:
-            self.baseline = "lora" if "lora" in names else names[0]
-        elif self.baseline not in names:
-            raise ValueError(f"{self.name}: baseline {self.baseline!r} is not one of the arms {names}")
-        if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in self.seeds):
-            raise ValueError(f"{self.name}: seeds must be a non-empty list of non-negative integers, got {self.seeds}")
+        self.arms, self.baseline = _check_arms(self.name, self.arms, self.baseline, self.seeds)
         for label in ("epochs", "batch_size"):
             if not isinstance(getattr(self, label), int) or getattr(self, label) < 1:
                 raise ValueError(f"{self.name}: {label} must be an integer >= 1, got {getattr(self, label)!r}")
@@ -410,6 +390,27 @@ def experiment_to_dict(experiment: Experiment) -> dict[str, Any]:
 def _check_name(name: Any) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"experiment name must use letters, digits, '_', '-' or '.', got {name!r}")
+
+
+def _check_arms(name: str, arms: list[Any], baseline: str | None, seeds: list[Any]) -> tuple[list[Arm], str]:
+    """The arms as :class:`Arm` objects and the baseline arm's name (``lora`` when there is one, else the first).
+
+    >>> _check_arms("q", [{"method": "decoder"}, {"method": "lora"}], None, [0])[1]
+    'lora'
+    """
+    arms = [a if isinstance(a, Arm) else Arm(**a) for a in arms]
+    if not arms:
+        raise ValueError(f"{name}: arms must list at least one method")
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{name}: arm names must be unique, got {names}")
+    if baseline is None:
+        baseline = "lora" if "lora" in names else names[0]
+    elif baseline not in names:
+        raise ValueError(f"{name}: baseline {baseline!r} is not one of the arms {names}")
+    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ValueError(f"{name}: seeds must be a non-empty list of non-negative integers, got {seeds}")
+    return arms, baseline
 
 
 def _check_threads(name: str, threads: Any) -> None:

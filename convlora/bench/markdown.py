@@ -36,6 +36,18 @@ def _footer(result: dict[str, Any]) -> list[str]:
     return ["", environment_line(result), "", f"Command: `{command}`", "", f"![{result['name']}]({result['name']}.png)"]
 
 
+def _runs_footer(result: dict[str, Any]) -> list[str]:
+    """How many runs a result holds, how many were reused, their mean time and the load; then the footer."""
+    runs = result["runs"]
+    return [
+        "",
+        f"{len(runs)} runs, {sum(1 for r in runs if r.get('reused'))} reused from earlier runs of the same settings; "
+        f"mean run time {sum(r['wall_seconds'] for r in runs) / max(1, len(runs)):.0f} s; "
+        f"load (1 min) during runs {_load_range(runs)}.",
+        *_footer(result),
+    ]
+
+
 def _setting(result: dict[str, Any], key: str) -> Any:
     """A setting of the run: the command-line override if one was given, else the config's value."""
     return result.get("overrides", {}).get(key) or result["config"][key]
@@ -69,15 +81,7 @@ def quality_markdown(result: dict[str, Any]) -> str:
     for row in summary:
         lines += ["", f"**{row['domain']}**: every reported metric (Δ against {baseline})", ""]
         lines += _by_arm_table(row, arms)
-    runs = result["runs"]
-    lines += [
-        "",
-        f"{len(runs)} runs, {sum(1 for r in runs if r.get('reused'))} reused from earlier runs of the same settings; "
-        f"mean run time {sum(r['wall_seconds'] for r in runs) / max(1, len(runs)):.0f} s; "
-        f"load (1 min) during runs {_load_range(runs)}.",
-        *_footer(result),
-    ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _runs_footer(result)) + "\n"
 
 
 INSTANCE_WAYS = {
@@ -185,15 +189,7 @@ def instances_markdown(result: dict[str, Any]) -> str:
     ]
     for row in result["summary"]:
         lines += ["", f"**{row['domain']}**: every number (mean over seeds)", "", *_instance_detail_table(row)]
-    runs = result["runs"]
-    lines += [
-        "",
-        f"{len(runs)} runs, {sum(1 for r in runs if r.get('reused'))} reused from earlier runs of the same settings; "
-        f"mean run time {sum(r['wall_seconds'] for r in runs) / max(1, len(runs)):.0f} s; "
-        f"load (1 min) during runs {_load_range(runs)}.",
-        *_footer(result),
-    ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _runs_footer(result)) + "\n"
 
 
 def _instance_summary(result: dict[str, Any]) -> list[str]:
