@@ -41,6 +41,7 @@ from .evaluation.evaluate import evaluate_split
 from .evaluation.instance_files import score_instance_files
 from .evaluation.metrics import build_metrics
 from .evaluation.prompted import evaluate_prompted
+from .evaluation.retention import object_kind_of
 from .instances import AmgConfig, GeneratedMasks, generate_masks
 from .instances.ais import ais_from_logits, instance_map_logits, objects_from_ids
 from .instances.apg import apg
@@ -576,7 +577,7 @@ def evaluate(
         if tile is not None:
             raise ValueError("evaluate: tile is for prompt-free evaluation, not with prompt")
         config = PromptConfig(**{**(prompt_settings or {}), "kind": prompt})
-        object_kind = "classes" if task.mode == "multiclass" else "binary"
+        object_kind = object_kind_of(task.mode)  # instance maps: one object per id
         scores = evaluate_prompted(segmenter.model, dataset, config, object_kind=object_kind)
         if not compare_base:
             return scores

@@ -36,6 +36,7 @@ from .evaluation.retention import (
     default_mask_input,
     generic_keep_set,
     keep_set_from_folder,
+    object_kind_of,
     pick_split,
     prompted_quality,
     retention,
@@ -93,7 +94,7 @@ def _target(
 ) -> dict[str, float]:
     if prompt == "none":
         return evaluate_split(model, dataset, task, None, batch_size=batch_size)
-    object_kind = "classes" if task.mode == "multiclass" else "binary"
+    object_kind = object_kind_of(task.mode)  # instance maps: one object per id
     return evaluate_prompted(model, dataset, PromptConfig(kind=prompt), object_kind=object_kind)
 
 

@@ -289,7 +289,8 @@ def freeze_unused_decoder_parts(model: nn.Module, mode: str) -> list[str]:
 
     SAM's IoU head is not used by mask losses; binary runs use only the first mask token's hypernetwork
     MLP; multi-class runs use the class tokens and class MLP instead of SAM's mask tokens; instance runs
-    train their own decoder (``instance_head``) and no loss reaches SAM's mask decoder at all. Frozen, these
+    train their own decoder (``instance_head``) and no loss reaches SAM's mask decoder, prompt encoder or the
+    decoder's positional encoding (``shared_image_embedding``) at all. Frozen, these
     parts keep their pretrained values (no weight decay drift) and distributed training needs no
     unused-parameter search for them.
     """
@@ -301,9 +302,11 @@ def freeze_unused_decoder_parts(model: nn.Module, mode: str) -> list[str]:
         unused += ["output_hypernetworks_mlps.1.", "output_hypernetworks_mlps.2.", "output_hypernetworks_mlps.3."]
     else:
         unused += ["mask_tokens", "output_hypernetworks_mlps."]
+    # instance runs never prompt: SAM's prompt encoder and the decoder's positional encoding get no loss either
+    owners = ("mask_decoder", "prompt_encoder", "shared_image_embedding") if mode == "instances" else ("mask_decoder",)
     frozen = []
     for name, param in model.named_parameters():
-        if "mask_decoder" in name and any(part in name for part in unused) and param.requires_grad:
+        if any(owner in name for owner in owners) and any(part in name for part in unused) and param.requires_grad:
             param.requires_grad_(False)
             frozen.append(name)
     return frozen

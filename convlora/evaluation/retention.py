@@ -18,8 +18,9 @@ retention is exactly 1.
 
 Keep sets: :func:`keep_set_from_folder` (any labelled folder: binary masks give their connected
 components, instance maps one object per id, class maps the components of each class; pass the target
-data's ``val`` split for its own validation objects) and :func:`generic_keep_set` (images of the corpus the
-embedded ``convlora-tiny`` base was pretrained on, from seeds its pretraining never drew).
+data's ``val`` split for its own validation objects), :func:`keep_set_from_dataset` (a loaded dataset, objects
+by its mode) and :func:`generic_keep_set` (images of the corpus the embedded ``convlora-tiny`` base was
+pretrained on, from seeds its pretraining never drew).
 
 >>> choose_checkpoint([{"epoch": 1, "iou": 0.7, "retention": 0.99}, {"epoch": 2, "iou": 0.8, "retention": 0.9}],
 ...                   "iou").reason
@@ -244,38 +245,65 @@ def keep_set_from_folder(
     return KeepSet(name or Path(path).name, description, len(samples), load)
 
 
+def object_kind_of(mode: str | None) -> str:
+    """How a dataset of ``mode`` is split into objects to prompt (a ``kind`` of :func:`~convlora.data.find_objects`).
+
+    Binary masks give their connected components, instance maps one object per id (touching objects stay
+    apart), class maps the components of each class.
+
+    Args:
+        mode: the dataset's or task's mode: ``"binary"``, ``"instances"`` or ``"multiclass"`` (``None``: binary).
+
+    >>> object_kind_of("instances"), object_kind_of("multiclass"), object_kind_of("binary")
+    ('instances', 'classes', 'binary')
+    """
+    kinds = {None: "binary", "binary": "binary", "instances": "instances", "multiclass": "classes"}
+    if mode not in kinds:
+        raise ValueError(f"mode must be one of ['binary', 'instances', 'multiclass'], got {mode!r}")
+    return kinds[mode]
+
+
+_OBJECT_WORDS = {"binary": "connected components", "instances": "instance ids", "classes": "class components"}
+
+
 def keep_set_from_dataset(
     dataset: SegmentationDataset,
     name: str,
     *,
     max_images: int | None = None,
     min_area: int = 10,
-    object_kind: str = "binary",
+    object_kind: str | None = None,
 ) -> KeepSet:
     """A keep set from a loaded dataset's labelled images (a run's validation split, for instance).
 
-    The objects are the connected components of its label maps (``object_kind="binary"``), or those of each
-    class (``"classes"``); ignored pixels (255) do not count.
+    The objects are those of the dataset's mode (:func:`object_kind_of`): the connected components of binary
+    label maps, one object per id of an instance dataset (its labels are the ids renumbered 1..n, 255 skipped,
+    see :func:`~convlora.data.instances.instance_labels`; two touching nuclei are two objects), or the
+    components of each class. Ignored pixels (255) belong to no object and do not count.
 
     Args:
         dataset: the dataset; only its original images and label maps are read.
         name: the set's name in tables (``"val"``).
         max_images: keep only the first labelled images.
         min_area: objects with fewer pixels (original resolution) are not prompted.
-        object_kind: ``"binary"`` or ``"classes"`` (see :func:`~convlora.data.prompts.find_objects`).
+        object_kind: ``"binary"``, ``"instances"`` or ``"classes"`` (see
+            :func:`~convlora.data.prompts.find_objects`); ``None``: by the dataset's mode.
 
     >>> keep = keep_set_from_dataset(run_data.val, "val", max_images=32)  # doctest: +SKIP
     """
+    kind = object_kind_of(dataset.mode) if object_kind is None else object_kind
+    if kind not in _OBJECT_WORDS:
+        raise ValueError(f"object_kind must be one of {list(_OBJECT_WORDS)} or None, got {object_kind!r}")
     samples = [i for i, sample in enumerate(dataset.samples) if sample.mask is not None][:max_images]
     if not samples:
         raise ValueError(f"keep set {name!r}: the dataset has no labelled image")
 
     def load(position: int) -> KeepImage:
         labels = dataset.original_mask(samples[position])
-        found = find_objects(labels, object_kind, min_area=min_area, ignore_index=IGNORE_INDEX)
+        found = find_objects(labels, kind, min_area=min_area, ignore_index=IGNORE_INDEX)
         return KeepImage(dataset.original_image(samples[position]), found, labels != IGNORE_INDEX)
 
-    what = "class components" if object_kind == "classes" else "connected components"
+    what = _OBJECT_WORDS[kind]
     description = f"{len(samples)} labelled images of the {name} data (objects: {what} of at least {min_area} px)"
     return KeepSet(name, description, len(samples), load)
 
@@ -437,7 +465,9 @@ def prompted_quality(
     Each image is encoded once for every protocol; prompts come from the ground truth alone (no seed).
 
     Args:
-        model: a binary fine-tune or a base SAM (PEFT-wrapped or not; a class-query decoder is refused).
+        model: a base SAM or a binary or instance fine-tune (PEFT-wrapped or not): SAM's own prompt encoder and
+            mask decoder answer, on the (adapted) image encoder; an instance decoder takes no part, and a
+            class-query decoder is refused.
         keep_set: a :class:`KeepSet` (or any sequence of :class:`KeepImage`).
         protocols: some of ``"box"``, ``"point"``, ``"clicks"``.
         num_clicks: clicks of the ``clicks`` protocol.
@@ -522,7 +552,7 @@ def retention(
     its retention is exactly 1.0. A base scoring 0 on a protocol gives a NaN ratio there.
 
     Args:
-        model: the fine-tuned model (binary, promptable).
+        model: the fine-tuned model (binary or instances; see :func:`prompted_quality`).
         base: the base model, or its :func:`prompted_quality` scores.
         keep_set: the objects to keep.
         protocols: see :func:`prompted_quality`.

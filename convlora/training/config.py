@@ -339,8 +339,8 @@ class TrainConfig:
         group="schedule",
         choices=RETENTION_MODES,
         resume="refuse",
-        help="Measure at every evaluation how much of the base's prompted quality the model keeps (binary tasks): "
-        "on, off, or auto (on when there is a keep set: keep_data, or convlora-tiny's generic one).",
+        help="Measure at every evaluation how much of the base's prompted quality the model keeps (binary and "
+        "instance tasks): on, off, or auto (on when there is a keep set: keep_data, or convlora-tiny's generic one).",
     )
     keep_data: str | None = option(
         None,

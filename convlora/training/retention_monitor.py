@@ -1,9 +1,13 @@
 """Retention during training: the run's keep sets, the base's scores (once), the model's at every evaluation.
 
-A binary run measures, next to its target metric, how much of the base model's prompted quality the model
-keeps (:mod:`convlora.evaluation.retention`): on a keep set (``keep_data``, or the generic one of the
-embedded ``convlora-tiny``) as ``retention``, and on the run's own validation objects as ``retention_val``,
-each per prompt protocol (``retention/box`` ...) and as their mean. The base is scored once, before the
+A binary or instance run measures, next to its target metric, how much of the base model's prompted quality
+the model keeps (:mod:`convlora.evaluation.retention`): on a keep set (``keep_data``, or the generic one of
+the embedded ``convlora-tiny``) as ``retention``, and on the run's own validation objects (connected
+components of binary masks; each instance id of an instance run) as ``retention_val``, each per prompt
+protocol (``retention/box`` ...) and as their mean. An instance run keeps SAM's prompt encoder and mask
+decoder frozen beside its instance decoder, so its retention is what the adapted image encoder costs SAM's
+prompts (exactly 1 for method ``decoder``, which adapts nothing SAM's prompts go through). A multi-class run
+replaces SAM's decoder by a class-query decoder and measures none. The base is scored once, before the
 method's adapters go in; every evaluation then scores the model and stores the ratios in its history entry.
 :func:`select_checkpoint` is the rule (``TrainConfig.select``) that names the evaluation whose model is kept.
 
@@ -37,6 +41,7 @@ from ..evaluation.retention import (
     generic_keep_set,
     keep_set_from_dataset,
     keep_set_from_folder,
+    object_kind_of,
     prompted_quality,
     retention,
 )
@@ -45,6 +50,8 @@ from ..models.embedded import BASE_ARCHITECTURE, EMBEDDED_MODELS
 # the history keys of a measurement: the mean ratio, then one per protocol (``retention/box`` ...)
 KEEP_KEY = "retention"
 VAL_KEY = "retention_val"
+# the modes whose model answers prompts with SAM's own decoder (multiclass installs a class-query decoder)
+PROMPTED_MODES = ("binary", "instances")
 
 
 def check_keep_data(keep_data: str | None) -> None:
@@ -113,7 +120,7 @@ class RetentionMonitor:
         """``retention`` (and ``retention_val``): the mean ratio and one per protocol, as history entries.
 
         Args:
-            model: the model as it is now (unwrapped; binary, promptable).
+            model: the model as it is now (unwrapped; binary or instances: SAM's prompted path is scored).
             accelerator: the run's accelerator: the main process measures, every process gets the numbers.
         """
 
@@ -163,11 +170,10 @@ def plan_keep_set(config: Any, mode: str) -> tuple[KeepSet | None, str]:
     keep: KeepSet | None = None
     if config.retention == "off":
         reason = "retention: off (--retention off)"
-    elif mode != "binary":
-        what = {"multiclass": "a class-query decoder, one mask per class", "instances": "an instance decoder"}
+    elif mode not in PROMPTED_MODES:
         reason = (
-            f"retention: skipped: a {mode} run's model answers with {what.get(mode, 'another decoder')}, not one mask "
-            "per prompt, so SAM's prompted quality is not measured"
+            f"retention: skipped: a {mode} run's model answers with a class-query decoder, one mask per class, in "
+            "place of SAM's prompted mask decoder, so it has no prompted quality to measure"
         )
     elif config.keep_data is not None:
         check_keep_data(config.keep_data)
@@ -183,6 +189,8 @@ def plan_keep_set(config: Any, mode: str) -> tuple[KeepSet | None, str]:
         )
     else:
         reason = "retention: off: no keep set (give --keep_data DIR to measure what the model keeps of SAM's prompts)"
+    if keep is not None and mode == "instances":
+        reason += "; instance run: SAM's own prompt encoder and mask decoder (untrained here) read the adapted encoder"
     if keep is None and config.select != "best":
         raise ValueError(f"select={config.select!r} needs retention, which this run does not measure ({reason})")
     return keep, reason
@@ -194,7 +202,8 @@ def start_retention(
     """Plan the run's retention and score the base on its keep sets (before adapters go into ``base``).
 
     The base is scored once, at the run's input size, on the accelerator's device and moved back after.
-    The run's validation objects become a second keep set (``retention_val``) when they hold any.
+    The run's validation objects become a second keep set (``retention_val``) when they hold any: the connected
+    components of a binary run's masks, each instance id of an instance run (touching objects stay apart).
 
     Args:
         config: the run's settings.
@@ -212,7 +221,10 @@ def start_retention(
     if keep is None:
         return None, reason
     options = {"num_clicks": DEFAULT_CLICKS, "mask_input": default_mask_input(config.model)}
-    val_keep = keep_set_from_dataset(val_data, "val", max_images=config.keep_images) if len(val_data) else None
+    val_keep = None
+    if len(val_data):  # the objects of the run's mode: each instance id of an instance run, not components
+        kind = object_kind_of(mode)
+        val_keep = keep_set_from_dataset(val_data, "val", max_images=config.keep_images, object_kind=kind)
 
     def compute() -> tuple[dict[str, float], dict[str, float] | None]:
         device = accelerator.device if accelerator is not None else next(base.parameters()).device
