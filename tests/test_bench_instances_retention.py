@@ -99,3 +99,21 @@ def test_an_instance_experiment_records_what_the_api_gives_and_reports_it(tmp_pa
     assert (tmp_path / "results" / "inst.png").stat().st_size > 0
     assert "**One mask per object**" not in (tmp_path / "results" / "summary.md").read_text()  # no title: the name
     assert "(`inst`)" in (tmp_path / "results" / "summary.md").read_text()
+
+
+def test_instance_experiments_measure_retention_and_decoder_only_instance_runs_keep_all_of_it(tmp_path):
+    config = {
+        "name": "kept", "kind": "instances", "domains": ["nuclei"], "arms": [{"method": "decoder"}], "seeds": [0],
+        "epochs": 1, "model": "convlora-tiny", "data": {"train": 4, "val": 1, "test": 1, "size": 64},
+        "amg": {"points_per_side": 4}, "retention_after": 2,
+    }  # fmt: skip
+    result = _run(tmp_path, config)
+    runs = {run["mode"]: run for run in result["runs"]}
+    # in instance mode nothing of SAM's encoder or prompted decoder trains for decoder-only: SAM is untouched
+    assert runs["instances"]["retention"] and set(runs["instances"]["retention"].values()) == {1.0}
+    assert runs["binary"]["retention"]["retention"] != 1.0  # a binary decoder-only run trains SAM's mask decoder
+    kept = result["summary"][0]["arms"]["decoder"]["retention"]
+    assert kept["instances"]["mean"] == 1.0 and kept["binary"]["mean"] == runs["binary"]["retention"]["retention"]
+    assert main(["report", "--results-dir", str(tmp_path / "results")]) == 0
+    table = (tmp_path / "results" / "kept.md").read_text()
+    assert "| AIS | decoder |" in table and "1.000 ± 0.000 |" in table and "| 1 (the base) |" in table

@@ -149,14 +149,7 @@ class QualityExperiment:
                 f"{self.name}: unknown data keys {unknown_data}; known: train, val, test, size, seed, square"
             )
         _check_threads(self.name, self.threads)
-        if (
-            not isinstance(self.retention_after, int)
-            or isinstance(self.retention_after, bool)
-            or self.retention_after < 0
-        ):
-            raise ValueError(
-                f"{self.name}: retention_after must be a number of keep images >= 0, got {self.retention_after!r}"
-            )
+        _check_retention_after(self.name, self.retention_after)
 
     def data_settings(self, domain: str) -> dict[str, Any]:
         """``write_dataset`` arguments for ``domain``: the recipe's split sizes, then ``data``."""
@@ -285,6 +278,8 @@ class InstanceExperiment:
         baseline: the arm the others are compared with (``"lora"`` when there is one, else the first arm).
         threads: torch CPU threads for the runs.
         title: what the README's summary calls the experiment; its name when unset.
+        retention_after: score every finished run's retention of SAM's prompted quality on this many generic keep
+            images and validation images (:mod:`convlora.bench.retention_after`); 0: not measured.
     """
 
     name: str
@@ -304,6 +299,7 @@ class InstanceExperiment:
     baseline: str | None = None
     threads: int = 1
     title: str = ""
+    retention_after: int = 0
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -329,6 +325,7 @@ class InstanceExperiment:
         except TypeError as error:
             raise ValueError(f"{self.name}: amg: {error}") from error
         _check_threads(self.name, self.threads)
+        _check_retention_after(self.name, self.retention_after)
 
     def data_settings(self) -> dict[str, Any]:
         """``write_dataset`` arguments of every domain."""
@@ -411,6 +408,11 @@ def _check_arms(name: str, arms: list[Any], baseline: str | None, seeds: list[An
     if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise ValueError(f"{name}: seeds must be a non-empty list of non-negative integers, got {seeds}")
     return arms, baseline
+
+
+def _check_retention_after(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name}: retention_after must be a number of keep images >= 0, got {value!r}")
 
 
 def _check_threads(name: str, threads: Any) -> None:

@@ -11,6 +11,10 @@ metrics (mSA over IoU 0.5:0.95, F1 and AP at 0.5, objects found), each way timed
 - ``binary_cc``: the connected components of the binary run's mask;
 - ``amg``: SAM's automatic mask generation on the untouched base (once per domain: it has no seed).
 
+With ``retention_after`` each run's model is also scored for what it keeps of SAM's prompted quality
+(:mod:`convlora.bench.retention_after`): an instance run's adapted encoder under SAM's own prompted decoder,
+a binary run's fine-tuned encoder and decoder.
+
 Runs are reused like quality runs: a run folder whose ``result.json`` was made with the same settings is
 read back, not trained again.
 
@@ -38,6 +42,7 @@ from ..training import load_config, train
 from .environment import load_average
 from .experiments import Arm, InstanceExperiment
 from .quality import mean_std
+from .retention_after import AfterTraining
 
 # Bump when what a run trains or measures changes, so older results are not reused.
 RUN_FORMAT = 1
@@ -181,7 +186,15 @@ def summarize_instances(experiment: InstanceExperiment, runs: list[dict[str, Any
                 found = [r["ways"][way] for r in chosen if way in r["ways"]]
                 if found:
                     ways[way] = {k: mean_std([f.get(k) for f in found]) for k in REPORTED}
-            arms[arm.name] = {"method": arm.method, "seeds": sorted({r["seed"] for r in chosen}), "ways": ways}
+            retention = {
+                mode: mean_std(
+                    [r["retention"]["retention"] for r in chosen if r["mode"] == mode and r.get("retention")]
+                )
+                for mode in ("instances", "binary")
+            }
+            arms[arm.name] = {
+                "method": arm.method, "seeds": sorted({r["seed"] for r in chosen}), "ways": ways, "retention": retention
+            }  # fmt: skip
         row: dict[str, Any] = {"domain": domain, "arms": arms}
         if domain in amg:
             row["amg"] = {k: amg[domain]["ways"]["amg"].get(k) for k in REPORTED}
@@ -214,6 +227,7 @@ def run_instances(
     runs: list[dict[str, Any]] = []
     amg: dict[str, dict[str, Any]] = {}
     total = len(chosen) * len(experiment.arms) * len(seeds) * 2
+    after = AfterTraining(experiment.retention_after) if experiment.retention_after else None
     for domain in chosen:
         data = dataset(experiment, domain, work_dir)
         domain_dir = work_dir / "instances" / domain
@@ -225,6 +239,8 @@ def run_instances(
                     fields = run_fields(experiment, arm, mode, seed, data)
                     run_dir = domain_dir / f"{arm.method}-{mode}-{_key(fields)}" / f"seed{seed}"
                     record = run_one(fields, run_dir, domain, arm)
+                    if after is not None:
+                        record = after.add(record, run_dir, data)
                     runs.append(record)
                     state = "reused" if record["reused"] else f"{record['wall_seconds']:.0f} s"
                     scores = ", ".join(f"{w} msa={s['msa']:.4f}" for w, s in record["ways"].items())

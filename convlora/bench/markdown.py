@@ -89,6 +89,7 @@ INSTANCE_WAYS = {
     "apg": "APG",
     "binary_cc": "binary-CC",
 }
+RUN_OF = {"ais": "instances", "apg": "instances", "binary_cc": "binary"}  # the run each way's model comes from
 
 
 def _instance_main_table(result: dict[str, Any]) -> list[str]:
@@ -119,19 +120,28 @@ def _instance_main_table(result: dict[str, Any]) -> list[str]:
 
 
 def _instance_detail_table(row: dict[str, Any]) -> list[str]:
+    kept = any(e.get("retention", {}).get(m, {}).get("n") for e in row["arms"].values() for m in RUN_OF.values())
     header = "| way | arm | mSA | F1@0.5 | SA@0.5 | objects found | true objects | s / image |"
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    header += " retention |" if kept else ""
+    lines = [header, "|---|---|" + "---:|" * (header.count("|") - 3)]
     for arm, entry in row["arms"].items():
         for way, stats in entry["ways"].items():
             cells = [INSTANCE_WAYS[way], arm, *(fmt_stat(stats[k]) for k in ("msa", "f1_50", "sa50"))]
             cells += [f"{stats['n_pred']['mean']:.0f}", f"{stats['n_true']['mean']:.0f}"]
             cells.append(fmt_seconds(stats["seconds_per_image"]["mean"]))
+            cells += [fmt_stat(entry.get("retention", {}).get(RUN_OF[way], {}))] if kept else []
             lines.append("| " + " | ".join(cells) + " |")
     if "amg" in row:
         amg = row["amg"]
         cells = ["AMG", "base", fmt_value(amg["msa"]), fmt_value(amg["f1_50"]), fmt_value(amg["sa50"])]
         cells += [f"{amg['n_pred']:.0f}", f"{amg['n_true']:.0f}", fmt_seconds(amg["seconds_per_image"])]
+        cells += ["1 (the base)"] if kept else []
         lines.append("| " + " | ".join(cells) + " |")
+    if kept:
+        lines += [
+            "",
+            "Retention: the model's prompted IoU (box, point, 3 clicks) on the generic keep set over the base's.",
+        ]
     return lines
 
 

@@ -4,7 +4,8 @@ A run trained with retention on records it at every evaluation (:mod:`convlora.t
 the benchmark's earlier runs did not. Rather than train them again, a quality experiment with
 ``retention_after`` scores each finished run's exported model (its kept, best-on-validation checkpoint) with
 the same protocols, keep sets and base scores the engine would have used: the generic keep set of
-``convlora-tiny`` (``retention``) and the objects of the domain's first validation images (``retention_val``).
+``convlora-tiny`` (``retention``) and the objects of the domain's first validation images (``retention_val``:
+connected components of binary masks, one object per id of instance maps, as the run's mode reads them).
 The numbers land in the run's ``result.json`` (``retention``, with ``retention_measured: "after training"``),
 so a rerun reads them instead of measuring again.
 
@@ -23,7 +24,7 @@ import torch
 from .._io import write_json
 from ..artifact import load_trained
 from ..artifact.folder import apply_task_settings
-from ..data import SegmentationDataset, check_dataset
+from ..data import load_datasets
 from ..evaluation.retention import (
     DEFAULT_CLICKS,
     KeepSet,
@@ -33,7 +34,7 @@ from ..evaluation.retention import (
     prompted_quality,
     retention,
 )
-from ..models import family_of, load_sam
+from ..models import load_sam
 from ..models.embedded import BASE_ARCHITECTURE, EMBEDDED_MODELS
 from ..training.retention_monitor import KEEP_KEY, VAL_KEY, flat_retention
 
@@ -57,16 +58,20 @@ class AfterTraining:
         self._val: dict[str, KeepSet] = {}
         self._base_scores: dict[tuple[str, str], dict[str, float]] = {}
 
-    def _keep_sets(self, data: Path, task: Any, input_format: Any) -> dict[str, KeepSet]:
+    def _keep_sets(self, data: Path, task: Any) -> dict[str, KeepSet]:
         if self._generic is None:
             self._generic = generic_keep_set(self.keep_images, size=int(BASE_ARCHITECTURE["image_size"]))
         key = str(data)
-        if key not in self._val:
-            report = check_dataset(data, mode=task.mode, num_classes=task.num_classes, reading=task.image_reading)
-            if "val" not in report.samples:
-                raise ValueError(f"retention_after: {data} has no val split to draw the validation keep set from")
-            val = SegmentationDataset.from_report(report, "val", image_size=task.image_size, input_format=input_format)
-            self._val[key] = keep_set_from_dataset(val, "val", max_images=self.keep_images)
+        if key not in self._val:  # the validation split as the run's engine loaded it (same mode, same reading)
+            loaded = load_datasets(
+                data, mode=task.mode, num_classes=task.num_classes if task.mode != "instances" else None,
+                image_size=task.image_size, reading=task.image_reading,
+            )  # fmt: skip
+            if not len(loaded.val):
+                raise ValueError(
+                    f"retention_after: {data} has no validation samples to draw the validation keep set from"
+                )
+            self._val[key] = keep_set_from_dataset(loaded.val, "val", max_images=self.keep_images)
         return {KEEP_KEY: self._generic, VAL_KEY: self._val[key]}
 
     def measure(self, adapter_dir: Path, data: Path) -> dict[str, float]:
@@ -77,17 +82,15 @@ class AfterTraining:
             data: the dataset the run trained on (its ``val`` split gives ``retention_val``).
         """
         model, task = load_trained(adapter_dir)
-        if task.mode != "binary":
-            raise ValueError(
-                f"retention_after: {adapter_dir} is a {task.mode} model; retention is scored on binary ones"
-            )
+        if task.mode == "multiclass":  # its class-query decoder replaced SAM's prompted one
+            raise ValueError(f"retention_after: {adapter_dir} is a multiclass model, without SAM's prompted decoder")
         if task.base_model not in EMBEDDED_MODELS:
             raise ValueError(
                 f"retention_after: {adapter_dir} was trained from {task.base_model!r}; the generic keep set belongs to "
                 f"{sorted(EMBEDDED_MODELS)}"
             )
         options = {"num_clicks": DEFAULT_CLICKS, "mask_input": default_mask_input(task.base_model)}
-        keep_sets = self._keep_sets(data, task, family_of(model).input_format)
+        keep_sets = self._keep_sets(data, task)
         found: dict[str, float] = {}
         with torch.no_grad():
             for key, keep in keep_sets.items():
