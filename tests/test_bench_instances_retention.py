@@ -117,3 +117,7 @@ def test_instance_experiments_measure_retention_and_decoder_only_instance_runs_k
     assert main(["report", "--results-dir", str(tmp_path / "results")]) == 0
     table = (tmp_path / "results" / "kept.md").read_text()
     assert "| AIS | decoder |" in table and "1.000 ± 0.000 |" in table and "| 1 (the base) |" in table
+    base = runs["instances"]["retention_base_scores"]["retention_val"]
+    assert f"box {base['box']:.3f}, point {base['point']:.3f}" in table
+    # the binary run's validation objects are connected components, the instance run's one per id
+    assert runs["binary"]["retention_base_scores"]["retention_val"]["objects"] < base["objects"]

@@ -196,6 +196,10 @@ def summarize_instances(experiment: InstanceExperiment, runs: list[dict[str, Any
                 "method": arm.method, "seeds": sorted({r["seed"] for r in chosen}), "ways": ways, "retention": retention
             }  # fmt: skip
         row: dict[str, Any] = {"domain": domain, "arms": arms}
+        here = [r for r in runs if r["domain"] == domain and r["mode"] == "instances"]
+        scored = [r for r in here if r.get("retention_base_scores")]
+        if scored:  # the base's own prompted IoU on the validation instances: what APG can draw on
+            row["base_prompted_val"] = scored[0]["retention_base_scores"].get("retention_val")
         if domain in amg:
             row["amg"] = {k: amg[domain]["ways"]["amg"].get(k) for k in REPORTED}
         rows.append(row)

@@ -142,6 +142,13 @@ def _instance_detail_table(row: dict[str, Any]) -> list[str]:
             "",
             "Retention: the model's prompted IoU (box, point, 3 clicks) on the generic keep set over the base's.",
         ]
+    base = row.get("base_prompted_val")
+    if base:
+        lines += [
+            "",
+            f"The base's own prompted IoU on {base['objects']:.0f} validation objects of {row['domain']} (what APG's "
+            f"refinement draws on): box {base['box']:.3f}, point {base['point']:.3f}, 3 clicks {base['clicks']:.3f}.",
+        ]
     return lines
 
 

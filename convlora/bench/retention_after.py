@@ -6,7 +6,8 @@ the benchmark's earlier runs did not. Rather than train them again, a quality ex
 the same protocols, keep sets and base scores the engine would have used: the generic keep set of
 ``convlora-tiny`` (``retention``) and the objects of the domain's first validation images (``retention_val``:
 connected components of binary masks, one object per id of instance maps, as the run's mode reads them).
-The numbers land in the run's ``result.json`` (``retention``, with ``retention_measured: "after training"``),
+The numbers land in the run's ``result.json`` (``retention``, with ``retention_measured: "after training"`` and
+the base's own prompted IoU on each keep set, ``retention_base_scores``),
 so a rerun reads them instead of measuring again.
 
 >>> measurer = AfterTraining(keep_images=16)  # doctest: +SKIP
@@ -57,11 +58,12 @@ class AfterTraining:
         self._generic: KeepSet | None = None
         self._val: dict[str, KeepSet] = {}
         self._base_scores: dict[tuple[str, str], dict[str, float]] = {}
+        self.base_scores: dict[str, dict[str, float]] = {}  # of the last measurement, per keep set
 
     def _keep_sets(self, data: Path, task: Any) -> dict[str, KeepSet]:
         if self._generic is None:
             self._generic = generic_keep_set(self.keep_images, size=int(BASE_ARCHITECTURE["image_size"]))
-        key = str(data)
+        key = f"{data}|{task.mode}"  # a binary run splits instance maps into components, an instance run by id
         if key not in self._val:  # the validation split as the run's engine loaded it (same mode, same reading)
             loaded = load_datasets(
                 data, mode=task.mode, num_classes=task.num_classes if task.mode != "instances" else None,
@@ -91,13 +93,15 @@ class AfterTraining:
             )
         options = {"num_clicks": DEFAULT_CLICKS, "mask_input": default_mask_input(task.base_model)}
         keep_sets = self._keep_sets(data, task)
+        self.base_scores = {}
         found: dict[str, float] = {}
         with torch.no_grad():
             for key, keep in keep_sets.items():
-                cache = (key, str(data) if key == VAL_KEY else "")
+                cache = (key, f"{data}|{task.mode}" if key == VAL_KEY else "")
                 if cache not in self._base_scores:
                     base = apply_task_settings(load_sam(task.base_model, image_size=task.image_size), task).eval()
                     self._base_scores[cache] = prompted_quality(base, keep, **options)
+                self.base_scores[key] = self._base_scores[cache]
                 found |= flat_retention(key, retention(model.eval(), self._base_scores[cache], keep, **options))
         return found
 
@@ -113,6 +117,7 @@ class AfterTraining:
             return record
         found = self.measure(run_dir / "train" / "adapter", data)
         stored = {k: v for k, v in record.items() if k not in ("reused",)}
-        stored |= {"retention": found, "retention_measured": MEASURED_AFTER}
-        write_json(run_dir / "result.json", stored)
-        return {**record, "retention": found, "retention_measured": MEASURED_AFTER}
+        added = {"retention": found, "retention_measured": MEASURED_AFTER}
+        added["retention_base_scores"] = dict(self.base_scores)
+        write_json(run_dir / "result.json", stored | added)
+        return {**record, **added}
