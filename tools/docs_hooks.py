@@ -464,7 +464,7 @@ def _project_report() -> Any:
         report = importlib.import_module("convlora.bench.report")
     except ImportError:
         return None
-    needed = ("load_results", "quality_markdown", "cost_markdown")
+    needed = ("load_results", "result_markdown")
     return report if all(hasattr(report, name) for name in needed) else None
 
 
@@ -510,11 +510,8 @@ def benchmarks_markdown(results_dir: Path = RESULTS_DIR, plots: set[str] | None 
     rendered: set[str] = set()
     report = _project_report()
     if report is not None:
-        results = report.load_results(results_dir)
-        order = {"quality": 0, "cost": 1}
-        for result in sorted(results, key=lambda r: (order.get(r.get("kind"), 2), r.get("name", ""))):
-            render = report.quality_markdown if result.get("kind") == "quality" else report.cost_markdown
-            text = render(result)
+        for result in report.load_results(results_dir):  # quality, instances, cost; by name
+            text = report.result_markdown(result)
 
             def image(match: re.Match[str]) -> str:
                 name = match.group(2)

@@ -237,18 +237,19 @@ def _by_domain_table(
     header += [f"conv_lora − {baseline}"] if contrast else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
     for row in summary:
-        main = row["metrics"][0]
-        cells = [row["domain"], metric_label(main)]
-        if zero:
-            cells.append(fmt_value(row.get("zero_shot", {}).get(main)))
-        values = {a: row["arms"][a]["metrics"][main] for a in arms if a in row["arms"]}
-        best = _best(values, main)
-        for arm in arms:
-            text = fmt_stat(values.get(arm, {}))
-            cells.append(f"**{text}**" if arm == best else text)
-        if contrast:
-            cells.append(fmt_delta(row["arms"].get(contrast, {}).get("vs_baseline", {}).get(main)))
-        lines.append("| " + " | ".join(cells) + " |")
+        # the main metric, and retention on the keep set where the experiment measures it (the base keeps 1)
+        for metric in [row["metrics"][0], *(["retention"] if "retention" in row["metrics"][1:] else [])]:
+            cells = [row["domain"], metric_label(metric) if metric != "retention" else "retention (keep set) ↑"]
+            if zero:
+                cells.append("1" if metric == "retention" else fmt_value(row.get("zero_shot", {}).get(metric)))
+            values = {a: row["arms"][a]["metrics"][metric] for a in arms if a in row["arms"]}
+            best = _best(values, metric)
+            for arm in arms:
+                text = fmt_stat(values.get(arm, {}))
+                cells.append(f"**{text}**" if arm == best else text)
+            if contrast:
+                cells.append(fmt_delta(row["arms"].get(contrast, {}).get("vs_baseline", {}).get(metric)))
+            lines.append("| " + " | ".join(cells) + " |")
     first = summary[0]["arms"]
     params = ["trainable params", "", *([""] if zero else [])]
     params += [fmt_count(first[a]["trainable_parameters"]) if a in first else "–" for a in arms]

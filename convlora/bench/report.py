@@ -32,6 +32,21 @@ from .schema import load_results
 # ------------------------------------------------------------------------------------------------ output
 
 
+RENDERERS = {"quality": quality_markdown, "cost": cost_markdown, "instances": instances_markdown}
+
+
+def result_markdown(result: dict) -> str:
+    """The Markdown tables of one result, by its kind (quality, instances or cost).
+
+    >>> result_markdown({"kind": "nothing"})
+    Traceback (most recent call last):
+    ValueError: a benchmark result's kind must be one of ['quality', 'cost', 'instances'], got 'nothing'
+    """
+    if result.get("kind") not in RENDERERS:
+        raise ValueError(f"a benchmark result's kind must be one of {list(RENDERERS)}, got {result.get('kind')!r}")
+    return RENDERERS[result["kind"]](result)
+
+
 def write_report(results_dir: str | Path, readme: str | Path | None = None) -> list[Path]:
     """Write ``<name>.md`` and the plots of every result in ``results_dir``, a ``README.md`` index and ``summary.md``.
 
@@ -49,8 +64,8 @@ def write_report(results_dir: str | Path, readme: str | Path | None = None) -> l
     sections = []
     for result in results:
         name = result["name"]
+        text = result_markdown(result)
         if result["kind"] == "quality":
-            text = quality_markdown(result)
             plot_quality(result, results_dir / f"{name}.png")
             params = own_parameters(result) if result["config"].get("params_plot") else None
             if params:
@@ -58,10 +73,8 @@ def write_report(results_dir: str | Path, readme: str | Path | None = None) -> l
                 written.append(results_dir / f"{name}_params.png")
                 text += f"\n![{name}: quality against parameters]({name}_params.png)\n"
         elif result["kind"] == "instances":
-            text = instances_markdown(result)
             plot_instances(result, results_dir / f"{name}.png")
         else:
-            text = cost_markdown(result)
             plot_cost(result, results_dir / f"{name}.png")
             if any("methods" in points[0] for points in result.get("sweeps", {}).values()):
                 plot_scaling(result, results_dir / f"{name}_scaling.png")
