@@ -40,6 +40,8 @@ GROUPS = ("data", "model", "method", "optimisation", "schedule", "checkpoints", 
 # what a changed value does when a run is resumed: applied (and named), refused, or ignored
 RESUME_RULES = ("apply", "refuse", "ignore")
 _REFUSED_GROUPS = ("data", "model", "method")
+# the name of the optimiser's parameter group of SAM's mask decoder, when it trains at its own rate (decoder_lr)
+DECODER_GROUP = "mask_decoder"
 
 
 def option(
@@ -140,9 +142,10 @@ class TrainConfig:
     Each field is declared with :func:`option`, whose ``help``, ``group`` and ``choices`` are the one
     source of ``convlora train --help``, of the configuration reference and of the validation here; the
     fields are listed, grouped, with their types and defaults by ``convlora train --help``. Fields left
-    unset (``None``) are resolved when a run starts: ``lr`` by the base model's size class
-    (:func:`resolve_defaults`). Construct it with one keyword per field; the nested settings take their
-    dataclass or a mapping of its fields. ``prompting.kind`` is always the ``prompt`` field.
+    unset (``None``) are resolved when a run starts: ``lr`` by the base model's size class, and ``decoder_lr``
+    of an instance run with ``joint_prompted`` from it (:func:`resolve_defaults`). Construct it with one keyword
+    per field; the nested settings take their dataclass or a mapping of its fields. ``prompting.kind`` is always
+    the ``prompt`` field.
 
     >>> config = TrainConfig(data="data/polyp", epochs=3, augment={"hflip": 0})
     >>> config.lr is None, TrainConfig.__dataclass_fields__["lr"].metadata["group"], config.augment.hflip
@@ -260,8 +263,8 @@ class TrainConfig:
     joint_prompted: float = option(
         0.0,
         group="method",
-        help="Share of the steps (in [0, 1]) trained under box / point prompts on the training objects, to keep "
-        "SAM's prompted skill; the rest stay prompt-free (binary tasks, prompt none).",
+        help="Share of the steps (in [0, 1]) trained under box / point prompts on the training objects (binary "
+        "runs: mask components; instance runs: each id), training SAM's prompted decoder; the rest stay prompt-free.",
     )
     instance_channels: int = option(
         64,
@@ -287,6 +290,12 @@ class TrainConfig:
         group="optimisation",
         help="Peak learning rate of AdamW; unset: by the base model's size class (2e-3 for small bases such as "
         "convlora-tiny, the paper's 1e-4 for SAM ViT-B/L/H).",
+    )
+    decoder_lr: float | None = option(
+        None,
+        group="optimisation",
+        help="Peak learning rate of SAM's mask decoder in an instance run with --joint_prompted (its prompted steps "
+        "train it); unset: the base model's default lr (of its size class, as a binary run trains it), at most lr.",
     )
     weight_decay: float = option(1e-4, group="optimisation", help="AdamW weight decay.")
     grad_clip: float = option(1.0, group="optimisation", help="Maximum gradient norm (0 disables clipping).")
@@ -409,6 +418,13 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.decoder_lr is not None and self.decoder_lr <= 0:
+            raise ValueError(f"decoder_lr must be > 0, got {self.decoder_lr}")
+        if self.decoder_lr is not None and not (self.mode == "instances" and self.joint_prompted > 0):
+            raise ValueError(
+                f"decoder_lr={self.decoder_lr:g} sets the rate of SAM's mask decoder in an instance run with "
+                "--joint_prompted (--mode instances); other runs train it at lr (drop decoder_lr)"
+            )
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be >= 0")
         if not 0 <= self.warmup_ratio < 1:
@@ -457,10 +473,11 @@ class TrainConfig:
                 f"joint_prompted mixes prompted steps into prompt-free training; with prompt={self.prompt!r} every "
                 "step is prompted already (drop one of them)"
             )
-        if self.joint_prompted > 0 and self.mode in ("multiclass", "instances"):
+        if self.joint_prompted > 0 and self.mode == "multiclass":
             raise ValueError(
-                f"joint_prompted trains SAM's own prompted decoder on binary objects; mode {self.mode!r} has no "
-                "promptable model to keep"
+                f"joint_prompted={self.joint_prompted:g} trains SAM's own prompted decoder on binary or instance "
+                "objects; mode 'multiclass' replaces it by a class-query decoder and has no promptable model to keep "
+                "(drop joint_prompted)"
             )
 
     def _check_instances(self) -> None:
@@ -642,6 +659,17 @@ def resolve_defaults(config: TrainConfig, base_model: Any) -> tuple[TrainConfig,
             )
         else:
             notes.append(f"{key} = {getattr(config, key):g} (as set)")
+    if config.mode == "instances" and config.joint_prompted > 0:
+        # the instance head learns at rates that wreck SAM's pretrained decoder in a few prompted steps
+        lr = changes.get("lr", config.lr)
+        if config.decoder_lr is None:
+            changes["decoder_lr"] = min(lr, SIZE_CLASSES[name]["lr"])
+            notes.append(
+                f"decoder_lr = {changes['decoder_lr']:g}: SAM's mask decoder trains at the default lr of a {name} "
+                "base model, at most lr; set --decoder_lr to choose another"
+            )
+        else:
+            notes.append(f"decoder_lr = {config.decoder_lr:g} (as set)")
     return (dataclasses.replace(config, **changes) if changes else config), notes
 
 
@@ -700,6 +728,7 @@ def resume_config(
     if given is None:
         # unset size-class values would be resolved again; the run keeps the ones it was started with
         later = {key for values in SIZE_CLASSES.values() for key in values if key != "max_parameters"}
+        later.add("decoder_lr")
         kept = {k: saved[k] for k in later if getattr(config, k) is None and saved.get(k) is not None}
         merged = dataclasses.replace(config, **kept) if kept else config
     else:
@@ -719,7 +748,8 @@ def resume_config(
 
 
 def apply_resumed_settings(optimizer: Any, scheduler: Any, config: TrainConfig) -> None:
-    """After loading a checkpoint, give its optimiser and schedule this run's ``lr`` and ``weight_decay``.
+    """After loading a checkpoint, give its optimiser and schedule this run's ``lr`` (``decoder_lr`` for the group
+    of SAM's mask decoder, where it has one) and ``weight_decay``.
 
     A checkpoint's optimiser and scheduler state carry the learning rate they were created with; loading
     them would silently keep it. The schedule's shape (warm-up, ``max_steps``) comes from the new
@@ -739,11 +769,15 @@ def apply_resumed_settings(optimizer: Any, scheduler: Any, config: TrainConfig) 
     """
     if config.lr is None:
         raise ValueError("lr is unset; call resolve_defaults before apply_resumed_settings")
-    scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
-    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
-        group["initial_lr"] = config.lr
+    rates = [
+        config.decoder_lr if group.get("name") == DECODER_GROUP and config.decoder_lr is not None else config.lr
+        for group in optimizer.param_groups
+    ]
+    scheduler.base_lrs = rates
+    for group, factor, rate in zip(optimizer.param_groups, scheduler.lr_lambdas, rates, strict=True):
+        group["initial_lr"] = rate
         group["weight_decay"] = config.weight_decay
-        group["lr"] = config.lr * factor(scheduler.last_epoch)
+        group["lr"] = rate * factor(scheduler.last_epoch)
     set_last_lr(scheduler, [group["lr"] for group in optimizer.param_groups])
 
 

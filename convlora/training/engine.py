@@ -39,6 +39,7 @@ from ..data.prompts import MIXED_KINDS
 from ..evaluation.evaluate import evaluate_split
 from ..evaluation.metrics import default_metric
 from ..evaluation.prompted import evaluate_prompted
+from ..evaluation.retention import object_kind_of
 from ..instances.evaluate import evaluate_instance_split
 from ..instances.model import InstanceSettings
 from ..instances.step import InstanceStep
@@ -53,7 +54,7 @@ from .checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from .config import TrainConfig, apply_resumed_settings, resolve_defaults, resume_config
+from .config import DECODER_GROUP, TrainConfig, apply_resumed_settings, resolve_defaults, resume_config
 from .embedding_cache import CACHE_FOLDER, EmbeddingCache, plan_embedding_cache
 from .losses import build_loss
 from .progress import Progress
@@ -127,6 +128,34 @@ class TrainStep(nn.Module):
         task = self.loss_fn(logits, labels)
         aux = moe_aux_loss(self.model)
         return {"loss": task + aux, "task": task.detach(), "aux": aux.detach()}
+
+
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[Any]:
+    """What AdamW trains: the trainable parameters, with SAM's mask decoder in a group of its own at ``decoder_lr``.
+
+    Without ``decoder_lr`` (every run but an instance run with ``joint_prompted``) it is the plain list of trainable
+    parameters, one group at ``lr``.
+
+    Args:
+        model: the task model, its trainable parameters set.
+        config: the run's settings, resolved (``decoder_lr`` filled in where it applies).
+
+    >>> from convlora.models import random_sam, tiny_sam_config
+    >>> model = random_sam(tiny_sam_config())
+    >>> config = TrainConfig(data="d", mode="instances", joint_prompted=0.25, lr=1e-2, decoder_lr=2e-3)
+    >>> [(group["name"], group["lr"]) for group in parameter_groups(model, config)]
+    [('rest', 0.01), ('mask_decoder', 0.002)]
+    """
+    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    if config.decoder_lr is None:
+        return [param for _, param in named]
+    decoder = [param for name, param in named if "mask_decoder." in name]
+    rest = [param for name, param in named if "mask_decoder." not in name]
+    groups = [
+        {"params": rest, "name": "rest", "lr": config.lr},
+        {"params": decoder, "name": DECODER_GROUP, "lr": config.decoder_lr},
+    ]
+    return [group for group in groups if group["params"]]
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -398,12 +427,13 @@ def _start(config: TrainConfig, accelerator: Any, show_progress: bool, given: fr
             f"prompt={config.prompt!r}: prompted training takes binary or instance masks; {config.data} is multi-class "
             "(train it prompt-free, or give one object class per dataset)"
         )
-    # joint training mixes prompted steps (any of box, point, box + point) into prompt-free ones
+    # joint training mixes prompted steps (any of box, point, box + point) into prompt-free ones; their objects are
+    # a binary mask's components or an instance map's ids (touching objects stay apart)
     joint = replace(prompt, kind="mixed") if config.joint_prompted > 0 else None
-    if joint is not None and data.mode != "binary":
+    if joint is not None and data.mode == "multiclass":
         raise ValueError(
-            f"joint_prompted={config.joint_prompted:g}: prompted steps train SAM's own decoder on binary objects; "
-            f"{config.data} is {data.mode} (drop joint_prompted)"
+            f"joint_prompted={config.joint_prompted:g}: prompted steps train SAM's own decoder on binary or instance "
+            f"objects; {config.data} is multiclass, whose model has a class-query decoder instead (drop joint_prompted)"
         )
     # prompted, SAM's IoU head learns the IoU of each prompted mask, so it stays trainable
     freeze_iou_head = config.freeze_iou_head and not prompt.prompted and joint is None
@@ -448,7 +478,7 @@ def _start(config: TrainConfig, accelerator: Any, show_progress: bool, given: fr
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
 
     world, rank = accelerator.num_processes, accelerator.process_index
     per_process = len(data.train) // world
@@ -478,10 +508,12 @@ def _start(config: TrainConfig, accelerator: Any, show_progress: bool, given: fr
     else:
         step_module = TrainStep(model, build_loss(config.loss, task.mode))
     if joint is not None:
-        step_module = JointStep(step_module, PromptedStep(model, joint, seed=config.seed))
+        object_kind = object_kind_of(task.mode)  # an instance run's objects: one per id
+        step_module = JointStep(step_module, PromptedStep(model, joint, object_kind=object_kind, seed=config.seed))
+        objects = "instances (one object per id)" if object_kind == "instances" else "objects"
         notes.append(
             f"joint training: about {config.joint_prompted:.0%} of the steps are prompted ({', '.join(MIXED_KINDS)} "
-            "drawn from the training objects), the rest prompt-free"
+            f"drawn from the training {objects}), the rest prompt-free"
         )
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
     cache, cache_reason = _embedding_cache(config, model, data, image_size)

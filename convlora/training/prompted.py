@@ -6,7 +6,8 @@ three masks and only the best one is trained, the IoU head learns the real IoU o
 prompt encoder stays frozen by default, and optional correction rounds add a click from the error
 region with the previous logits as a mask prompt. Encoding images and decoding prompts live in
 :mod:`convlora.prompting`, prompted evaluation in :mod:`convlora.evaluation.prompted`.
-Joint training (:class:`JointStep`) mixes such steps into prompt-free training (``TrainConfig.joint_prompted``).
+Joint training (:class:`JointStep`) mixes such steps into prompt-free training (``TrainConfig.joint_prompted``):
+binary runs prompt their masks' components, instance runs each instance id of their labels.
 """
 
 from __future__ import annotations
@@ -109,9 +110,11 @@ class PromptedStep(nn.Module):
     object are skipped and counted in ``"skipped"``.
 
     Args:
-        model: the task model (any method; a binary SAM decoder).
+        model: the task model (any method; SAM's own mask decoder answers the prompts, also beside an instance
+            decoder).
         config: the prompt settings (``kind`` other than ``"none"``).
-        object_kind: how objects are read from the labels: ``"binary"`` (components) or ``"classes"``.
+        object_kind: how objects are read from the labels: ``"binary"`` (connected components), ``"instances"``
+            (one object per id: touching objects stay apart; an instance run's id labels) or ``"classes"``.
         seed: seed of the prompts. Each call draws from ``(seed, step)`` when ``forward`` gets ``step``, else
             from ``(seed, a number drawn from torch's global generator)``: the engine seeds, saves and restores
             that generator, so runs (and resumed runs) repeat their prompts exactly.

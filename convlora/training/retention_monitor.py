@@ -6,7 +6,9 @@ the embedded ``convlora-tiny``) as ``retention``, and on the run's own validatio
 components of binary masks; each instance id of an instance run) as ``retention_val``, each per prompt
 protocol (``retention/box`` ...) and as their mean. An instance run keeps SAM's prompt encoder and mask
 decoder frozen beside its instance decoder, so its retention is what the adapted image encoder costs SAM's
-prompts (exactly 1 for method ``decoder``, which adapts nothing SAM's prompts go through). A multi-class run
+prompts (exactly 1 for method ``decoder``, which adapts nothing SAM's prompts go through); with
+``joint_prompted`` its prompted steps train SAM's mask decoder on the run's instances, and retention measures
+that decoder as it is measured in a binary joint run. A multi-class run
 replaces SAM's decoder by a class-query decoder and measures none. The base is scored once, before the
 method's adapters go in; every evaluation then scores the model and stores the ratios in its history entry.
 :func:`select_checkpoint` is the rule (``TrainConfig.select``) that names the evaluation whose model is kept.
@@ -189,7 +191,9 @@ def plan_keep_set(config: Any, mode: str) -> tuple[KeepSet | None, str]:
         )
     else:
         reason = "retention: off: no keep set (give --keep_data DIR to measure what the model keeps of SAM's prompts)"
-    if keep is not None and mode == "instances":
+    if keep is not None and mode == "instances" and getattr(config, "joint_prompted", 0) > 0:
+        reason += "; instance run: SAM's mask decoder, trained by the joint prompted steps, reads the adapted encoder"
+    elif keep is not None and mode == "instances":
         reason += "; instance run: SAM's own prompt encoder and mask decoder (untrained here) read the adapted encoder"
     if keep is None and config.select != "best":
         raise ValueError(f"select={config.select!r} needs retention, which this run does not measure ({reason})")
