@@ -14,8 +14,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from convlora.models import random_sam, tiny_sam_config
 from convlora.synthetic import write_dataset
@@ -53,6 +55,32 @@ def tiny_sam_dir(tmp_path_factory):
     """One saved tiny random SAM (``random_sam(tiny_sam_config(), seed=0)``) shared by every test module."""
     path = tmp_path_factory.mktemp("shared") / "sam"
     random_sam(tiny_sam_config(), seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def keep_folder(tmp_path_factory):
+    """A keep set for retention tests: two 64 px images with two bright rectangles each (binary masks)."""
+    path = tmp_path_factory.mktemp("shared") / "keep"
+    (path / "images").mkdir(parents=True)
+    (path / "masks").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        image = rng.integers(0, 60, (64, 64, 3), dtype=np.uint8)
+        mask = np.zeros((64, 64), np.uint8)
+        mask[8:24, 10:30] = 255
+        mask[40:56, 36 - 4 * i : 58] = 255
+        image[mask > 0] = [200, 80 + 40 * i, 60]
+        Image.fromarray(image).save(path / "images" / f"keep{i}.png")
+        Image.fromarray(mask).save(path / "masks" / f"keep{i}.png")
+    return path
+
+
+@pytest.fixture(scope="session")
+def nuclei_dir(tmp_path_factory):
+    """One generated 64 px nuclei dataset (instance-id masks; 6 train, 2 val, 2 test images) shared by every module."""
+    path = tmp_path_factory.mktemp("shared") / "nuclei"
+    write_dataset("nuclei", path, train=6, val=2, test=2, size=64, seed=0)
     return path
 
 

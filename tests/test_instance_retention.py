@@ -45,28 +45,12 @@ KEYS = [f"{key}{suffix}" for key in ("retention", "retention_val") for suffix in
 MIN_AREA = 10  # keep_set_from_dataset's default, which the engine uses
 
 
-def write_keep_folder(path: Path) -> Path:
-    """Two 64 px images with two bright rectangles each (binary masks): four objects to keep segmenting."""
-    (path / "images").mkdir(parents=True)
-    (path / "masks").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        image = rng.integers(0, 60, (64, 64, 3), dtype=np.uint8)
-        mask = np.zeros((64, 64), np.uint8)
-        mask[8:24, 10:30] = 255
-        mask[40:56, 36 - 4 * i : 58] = 255
-        image[mask > 0] = [200, 80 + 40 * i, 60]
-        Image.fromarray(image).save(path / "images" / f"keep{i}.png")
-        Image.fromarray(mask).save(path / "masks" / f"keep{i}.png")
-    return path
-
-
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tiny_sam_dir) -> Path:
+def workspace(tmp_path_factory, tiny_sam_dir, keep_folder) -> Path:
     root = tmp_path_factory.mktemp("instance_retention")
     (root / "sam").symlink_to(tiny_sam_dir)
     write_dataset("nuclei", root / "nuclei", train=4, val=2, test=0, size=64, seed=0)
-    write_keep_folder(root / "keep")
+    (root / "keep").symlink_to(keep_folder)
     return root
 
 
