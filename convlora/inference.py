@@ -38,7 +38,7 @@ from .data import ImageReading, SegmentationDataset, check_dataset, read_image, 
 from .data.prompt_files import PROMPT_KEYS, build_prompts, load_prompts
 from .data.prompts import PAD_LABEL, PromptConfig
 from .evaluation.evaluate import evaluate_split
-from .evaluation.instance_files import score_instance_files
+from .evaluation.instance_files import held_out_samples, score_instance_files
 from .evaluation.metrics import build_metrics
 from .evaluation.prompted import evaluate_prompted
 from .evaluation.retention import object_kind_of
@@ -619,9 +619,7 @@ def evaluate_instances(
         tile: segment in windows of this size (see :meth:`Segmenter.predict_instances`).
         overlap: pixels shared by neighbouring windows.
     """
-    report = check_dataset(data, mode="binary", num_classes=2, reading=segmenter.task.image_reading)
-    split = "test" if "test" in report.samples else None
-    samples = [s for s in report.usable_samples(split) if s.mask is not None]
+    samples, _ = held_out_samples(data, segmenter.task.image_reading)
 
     def segment(image: np.ndarray) -> np.ndarray:
         return segmenter.predict_instances(image, method, amg, tile=tile, overlap=overlap)[0]

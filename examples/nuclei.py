@@ -27,9 +27,8 @@ from pathlib import Path
 
 from convlora import Segmenter, load_config, train
 from convlora._io import write_json
-from convlora.data import check_dataset
 from convlora.evaluation import connected_components
-from convlora.evaluation.instance_files import score_instance_files
+from convlora.evaluation.instance_files import held_out_samples, score_instance_files
 from convlora.instances import AmgConfig
 from convlora.synthetic import write_dataset
 
@@ -83,9 +82,7 @@ def main(argv: list[str]) -> dict:
     instance_model = Segmenter.from_pretrained(fine_tune(data, output, "instances", args.lr, args))
     binary_model = Segmenter.from_pretrained(fine_tune(data, output, "binary", args.binary_lr, args))
     base = Segmenter.from_pretrained(args.model)
-    report = check_dataset(data, mode="binary", num_classes=2, reading=instance_model.task.image_reading)
-    samples = [s for s in report.usable_samples("test" if "test" in report.samples else None) if s.mask]
-    reading = instance_model.task.image_reading
+    samples, reading = held_out_samples(data, instance_model.task.image_reading)
     amg = AmgConfig(points_per_side=4) if args.quick else AMG
     methods = {
         "AIS (Conv-LoRA, instances)": lambda image: instance_model.predict_instances(image, "ais")[0],

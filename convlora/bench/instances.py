@@ -30,45 +30,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .._io import folder_kind, write_json
+from .._io import write_json
 from ..artifact.methods import METHODS
-from ..data import check_dataset
 from ..evaluation import connected_components
-from ..evaluation.instance_files import score_instance_files
+from ..evaluation.instance_files import held_out_samples, score_instance_files
 from ..inference import Segmenter
 from ..instances import AmgConfig
 from ..synthetic import write_dataset
 from ..training import load_config, train
 from .environment import load_average
 from .experiments import Arm, InstanceExperiment
-from .quality import mean_std
+from .quality import earlier_record, fresh_train_dir, mean_std
 from .retention_after import AfterTraining
 
 # Bump when what a run trains or measures changes, so older results are not reused.
 RUN_FORMAT = 1
-WAYS = ("ais", "apg", "binary_cc", "amg")
-WAY_LABELS = {
-    "ais": "AIS (instance decoder + watershed)",
-    "apg": "APG (AIS objects prompting SAM's decoder)",
-    "binary_cc": "binary-CC (connected components of a binary fine-tune)",
-    "amg": "AMG (base SAM, point grid)",
-}
 REPORTED = ("msa", "f1_50", "sa50", "n_pred", "n_true", "seconds_per_image")
 
 
 def _key(payload: dict[str, Any]) -> str:
     text = json.dumps({"format": RUN_FORMAT, **payload, "seed": None}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
-def _earlier(result_file: Path, fields: dict[str, Any]) -> dict[str, Any] | None:
-    if not result_file.is_file():
-        return None
-    try:
-        record = json.loads(result_file.read_text())
-    except json.JSONDecodeError:
-        return None
-    return record if record.get("fields") == fields else None
 
 
 def dataset(experiment: InstanceExperiment, domain: str, work_dir: Path) -> Path:
@@ -94,13 +76,6 @@ def run_fields(experiment: InstanceExperiment, arm: Arm, mode: str, seed: int, d
     return fields
 
 
-def held_out_samples(data: Path, reading: Any = None) -> tuple[list[Any], dict[str, Any]]:
-    """The labelled test samples of ``data`` (every sample when it has no test split) and how images are read."""
-    report = check_dataset(data, mode="binary", num_classes=2, reading=reading)
-    split = "test" if "test" in report.samples else None
-    return [s for s in report.usable_samples(split) if s.mask is not None], report.image_reading
-
-
 def score_run(adapter_dir: Path, mode: str, data: Path) -> dict[str, dict[str, Any]]:
     """The ways a trained model is scored by: AIS and APG for an instance run, binary-CC for a binary one."""
     segmenter = Segmenter.from_pretrained(adapter_dir)
@@ -118,14 +93,10 @@ def score_run(adapter_dir: Path, mode: str, data: Path) -> dict[str, dict[str, A
 def run_one(fields: dict[str, Any], run_dir: Path, domain: str, arm: Arm) -> dict[str, Any]:
     """Train and score one run (unless its ``result.json`` already holds it); returns its record."""
     result_file = run_dir / "result.json"
-    earlier = _earlier(result_file, fields)
+    earlier = earlier_record(result_file, fields)
     if earlier is not None:
         return {**earlier, "arm": arm.name, "reused": True}
-    train_dir = run_dir / "train"
-    if train_dir.exists():  # interrupted: start again from scratch
-        if folder_kind(train_dir) != "run":
-            raise ValueError(f"{train_dir} holds files a benchmark run did not write; move them away to run it")
-        shutil.rmtree(train_dir)
+    train_dir = fresh_train_dir(run_dir)
     load_before = load_average()
     started = time.time()
     result = train(load_config(**fields, output_dir=str(train_dir)), show_progress=False)
@@ -154,7 +125,7 @@ def amg_on_base(experiment: InstanceExperiment, domain: str, data: Path, domain_
     """AMG of the untouched base on the test images, once per domain and setting; cached like a run."""
     fields = {"data": str(data), "model": experiment.model, "amg": dict(experiment.amg)}
     result_file = domain_dir / f"amg-{_key(fields)}" / "result.json"
-    earlier = _earlier(result_file, fields)
+    earlier = earlier_record(result_file, fields)
     if earlier is not None:
         return {**earlier, "reused": True}
     base = Segmenter.from_pretrained(experiment.model)

@@ -104,7 +104,7 @@ def _artifact_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and p.name != "README.md")
 
 
-def _earlier_record(result_file: Path, fields: dict[str, Any]) -> dict[str, Any] | None:
+def earlier_record(result_file: Path, fields: dict[str, Any]) -> dict[str, Any] | None:
     """The record in ``result_file`` if it exists and was made with exactly ``fields``, else ``None``."""
     if not result_file.is_file():
         return None
@@ -115,17 +115,23 @@ def _earlier_record(result_file: Path, fields: dict[str, Any]) -> dict[str, Any]
     return record if record.get("fields") == fields else None
 
 
-def run_one(fields: dict[str, Any], run_dir: Path, domain: str, arm: Arm) -> dict[str, Any]:
-    """Train one run (unless its ``result.json`` already holds it) and return its record."""
-    result_file = run_dir / "result.json"
-    earlier = _earlier_record(result_file, fields)
-    if earlier is not None:
-        return {**earlier, "arm": arm.name, "reused": True}
+def fresh_train_dir(run_dir: Path) -> Path:
+    """``run_dir/train``, emptied of an interrupted run's files (a run starts again from scratch)."""
     train_dir = run_dir / "train"
-    if train_dir.exists():  # a run that was interrupted: start it again from scratch
+    if train_dir.exists():
         if folder_kind(train_dir) != "run":
             raise ValueError(f"{train_dir} holds files a benchmark run did not write; move them away to run it")
         shutil.rmtree(train_dir)
+    return train_dir
+
+
+def run_one(fields: dict[str, Any], run_dir: Path, domain: str, arm: Arm) -> dict[str, Any]:
+    """Train one run (unless its ``result.json`` already holds it) and return its record."""
+    result_file = run_dir / "result.json"
+    earlier = earlier_record(result_file, fields)
+    if earlier is not None:
+        return {**earlier, "arm": arm.name, "reused": True}
+    train_dir = fresh_train_dir(run_dir)
     load_before = load_average()
     started = time.time()
     result = train(load_config(**fields, output_dir=str(train_dir)), show_progress=False)
@@ -190,7 +196,7 @@ def zero_shot(fields: dict[str, Any], domain_dir: Path, domain: str) -> dict[str
     fields.pop("conv_lora", None)
     run_dir = domain_dir / f"zero_shot-{run_key(fields, domain)}"
     result_file = run_dir / "result.json"
-    earlier = _earlier_record(result_file, fields)
+    earlier = earlier_record(result_file, fields)
     if earlier is not None:
         return {**earlier, "reused": True}
     started = time.time()

@@ -60,10 +60,9 @@ class AfterTraining:
         self._base_scores: dict[tuple[str, str], dict[str, float]] = {}
         self.base_scores: dict[str, dict[str, float]] = {}  # of the last measurement, per keep set
 
-    def _keep_sets(self, data: Path, task: Any) -> dict[str, KeepSet]:
+    def _keep_sets(self, data: Path, task: Any, key: str) -> dict[str, KeepSet]:
         if self._generic is None:
             self._generic = generic_keep_set(self.keep_images, size=int(BASE_ARCHITECTURE["image_size"]))
-        key = f"{data}|{task.mode}"  # a binary run splits instance maps into components, an instance run by id
         if key not in self._val:  # the validation split as the run's engine loaded it (same mode, same reading)
             loaded = load_datasets(
                 data, mode=task.mode, num_classes=task.num_classes if task.mode != "instances" else None,
@@ -92,12 +91,13 @@ class AfterTraining:
                 f"{sorted(EMBEDDED_MODELS)}"
             )
         options = {"num_clicks": DEFAULT_CLICKS, "mask_input": default_mask_input(task.base_model)}
-        keep_sets = self._keep_sets(data, task)
+        val_key = f"{data}|{task.mode}"  # a binary run splits instance maps into components, an instance run by id
+        keep_sets = self._keep_sets(data, task, val_key)
         self.base_scores = {}
         found: dict[str, float] = {}
         with torch.no_grad():
             for key, keep in keep_sets.items():
-                cache = (key, f"{data}|{task.mode}" if key == VAL_KEY else "")
+                cache = (key, val_key if key == VAL_KEY else "")
                 if cache not in self._base_scores:
                     base = apply_task_settings(load_sam(task.base_model, image_size=task.image_size), task).eval()
                     self._base_scores[cache] = prompted_quality(base, keep, **options)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import read_image
+from ..data import check_dataset, read_image
 from ..data.decode import read_mask
 from ..data.prompts import IGNORE_INDEX
 from .instances import InstanceMetrics
@@ -45,6 +45,20 @@ def check_instance_masks(truths: Sequence[np.ndarray], where: Any) -> None:
             f"{where}: every mask holds at most one object id (binary masks?); instance metrics need masks with one "
             "id per object (16-bit PNG/TIFF label images); score binary masks without --instances"
         )
+
+
+def held_out_samples(data: Any, reading: Any = None) -> tuple[list[Any], dict[str, Any]]:
+    """The labelled samples of ``data``'s ``test`` split (of every split when it has none) and how images are read.
+
+    Args:
+        data: a labelled folder or CSV (instance-id masks; they are listed as binary masks, ids unchanged).
+        reading: how images are read (a model's ``task.image_reading``); ``None``: inferred from the files.
+
+    >>> samples, reading = held_out_samples("data/nuclei")  # doctest: +SKIP
+    """
+    report = check_dataset(data, mode="binary", num_classes=2, reading=reading)
+    split = "test" if "test" in report.samples else None
+    return [s for s in report.usable_samples(split) if s.mask is not None], report.image_reading
 
 
 def score_instance_files(
