@@ -7,6 +7,8 @@ from typing import Any
 from ..evaluation.metrics import higher_is_better
 
 ARROWS = {True: "↑", False: "↓"}
+# the ways of getting objects a trained model is scored by, as tables and plots name them (AMG has a row of its own)
+INSTANCE_WAYS = {"ais": "AIS", "apg": "APG", "binary_cc": "binary-CC"}
 
 
 def fmt_count(value: int | None) -> str:

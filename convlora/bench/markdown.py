@@ -7,6 +7,7 @@ from typing import Any
 from ..evaluation.metrics import higher_is_better
 from .cost import TRAIN_KEYS
 from .formatting import (
+    INSTANCE_WAYS,
     _load_range,
     environment_line,
     fmt_bytes,
@@ -84,11 +85,6 @@ def quality_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines + _runs_footer(result)) + "\n"
 
 
-INSTANCE_WAYS = {
-    "ais": "AIS",
-    "apg": "APG",
-    "binary_cc": "binary-CC",
-}
 RUN_OF = {"ais": "instances", "apg": "instances", "binary_cc": "binary"}  # the run each way's model comes from
 
 
@@ -189,7 +185,7 @@ def _goal_lines(result: dict[str, Any]) -> list[str]:
 def instances_markdown(result: dict[str, Any]) -> str:
     """Tables of an instance result: mSA per domain, way and arm; every number per domain; the goals."""
     config = result["config"]
-    seeds = result.get("overrides", {}).get("seeds") or config["seeds"]
+    seeds = _setting(result, "seeds")
     amg = ", ".join(f"{k}={v}" for k, v in config.get("amg", {}).items()) or "SAM's defaults"
     lines = _heading(result)
     lines += [
@@ -211,7 +207,7 @@ def instances_markdown(result: dict[str, Any]) -> str:
 
 def _instance_summary(result: dict[str, Any]) -> list[str]:
     title = result["config"].get("title") or "Instances"
-    seeds = result.get("overrides", {}).get("seeds") or result["config"]["seeds"]
+    seeds = _setting(result, "seeds")
     lines = [
         f"**{title}** (`{result['name']}`): mSA on the test split, mean ± std over {len(seeds)} seeds, "
         f"{result['config']['epochs']} epochs per run, base `{result['config']['model']}`; AMG on the untouched base.",

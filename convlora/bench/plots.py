@@ -8,7 +8,7 @@ from typing import Any
 
 from .._io import atomic_file
 from ..artifact.methods import METHODS
-from .formatting import metric_label
+from .formatting import INSTANCE_WAYS, metric_label
 
 OTHER_COLOUR = "#9467bd"
 
@@ -59,8 +59,7 @@ def plot_instances(result: dict[str, Any], path: str | Path) -> None:
     summary = result["summary"]
     arms = [a["name"] for a in result["config"]["arms"]]
     methods = {a["name"]: a["method"] for a in result["config"]["arms"]}
-    ways = ["ais", "apg", "binary_cc"]
-    labels = {"ais": "AIS", "apg": "APG", "binary_cc": "binary-CC"}
+    ways = list(INSTANCE_WAYS)
     figure, axes = _subplots(1, len(summary), figsize=(4.2 * len(summary), 3.4), squeeze=False)
     width = 0.8 / max(1, len(arms))
     for ax, row in zip(axes.flat, summary, strict=False):
@@ -72,7 +71,7 @@ def plot_instances(result: dict[str, Any], path: str | Path) -> None:
             ax.bar(xs, means, width, yerr=stds, capsize=3, color=colour(methods[arm]), alpha=0.85, label=arm)
         if "amg" in row:
             ax.axhline(row["amg"]["msa"], color="grey", linestyle="--", linewidth=1, label="AMG (base)")
-        ax.set_xticks(range(len(ways)), [labels[w] for w in ways])
+        ax.set_xticks(range(len(ways)), [INSTANCE_WAYS[w] for w in ways])
         ax.set_title(f"{row['domain']} (mSA)", fontsize=10)
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
